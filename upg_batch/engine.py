@@ -1,0 +1,151 @@
+"""The Python face of the native engine (`upg_batch._native`).
+
+The Rust extension takes and returns plain values; this module wraps them in the
+documented API: `Engine`, `SamplingParams`, `Completion`, `EngineError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from upg_batch import _native
+from upg_batch._native import EngineError
+
+__all__ = ["Completion", "Engine", "EngineError", "SamplingParams"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one prompt is continued. `temperature=0` is greedy decoding."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: Sequence[str] = field(default_factory=tuple)
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        checks = [
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", _finite(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0: off)"),
+            ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
+            ("seed", self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "None or an integer >= 0"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
+            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "a list of token ids >= 0"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} must be {what}, got {getattr(self, name)!r}")
+
+    def _to_native(self) -> tuple[Any, ...]:
+        return (
+            self.max_tokens,
+            float(self.temperature),
+            self.top_k,
+            float(self.top_p),
+            float(self.min_p),
+            self.seed,
+            list(self.stop),
+            list(self.stop_token_ids),
+            bool(self.ignore_eos),
+        )
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished prompt.
+
+    `token_ids` are the generated tokens (an EOS or stop token that ended generation
+    included); `text` is their decoding with special tokens and any stop string removed.
+    `ttft_s` and `latency_s` count from the moment `generate` was called.
+    """
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    ttft_s: float
+    latency_s: float
+
+
+class Engine:
+    """A model loaded into the native engine.
+
+    backend: "cpu" (the GPU backend needs an engine built with the `gpu` feature).
+    weights: how weights are held in memory: "f32", "f16" or "bf16" (arithmetic is f32).
+    threads: compute threads (None: all cores). max_batch: sequences in flight at once.
+    context: longest sequence (prompt + completion) in tokens (None: the model's maximum).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        backend: str = "cpu",
+        weights: str = "f32",
+        threads: int | None = None,
+        max_batch: int = 32,
+        context: int | None = None,
+    ) -> None:
+        self._native = _native.NativeEngine(os.fspath(model_dir), backend, weights, threads, max_batch, context)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` as tokenizer.json encodes it (its post-processor included)."""
+        return self._native.tokenize(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens skipped."""
+        return self._native.detokenize(list(ids))
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(token_ids), vocab]: the next-token logits at every position."""
+        raw, rows, vocab = self._native.logits(list(token_ids))
+        return np.frombuffer(raw, dtype=np.float32).reshape(rows, vocab).copy()
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        """Continue every prompt; results come back in the order of `prompts`."""
+        prompts = list(prompts)
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            per_prompt = [params] * len(prompts)
+        else:
+            per_prompt = list(params)
+            if len(per_prompt) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(per_prompt)} SamplingParams")
+        native_prompts = [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        results = self._native.generate(native_prompts, [p._to_native() for p in per_prompt])
+        return [Completion(list(ids), text, reason, n_prompt, ttft, latency) for ids, text, reason, n_prompt, ttft, latency in results]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What is loaded: architecture, parameters, layers, vocab, context, backend, weights, weight bytes."""
+        return dict(self._native.info())
+
+    def stats(self) -> dict[str, float]:
+        """Live counters, safe to read from another thread while `generate` runs:
+        prompt_tokens_total, generation_tokens_total, running_sequences, waiting_sequences,
+        kv_cache_tokens, kv_cache_capacity_tokens, kv_cache_usage_ratio, memory_bytes."""
+        return dict(self._native.stats())
