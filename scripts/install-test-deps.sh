@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs beyond the Python packages. Idempotent: run it
+# as often as you like; each section installs only what is missing.
+set -euo pipefail
+
+# --- Prometheus (tests/test_prometheus_e2e.py runs a real server) -------------------
+if ! command -v prometheus >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update
+    $SUDO apt-get install -y --no-install-recommends prometheus
+fi
+prometheus --version 2>&1 | head -n 1
