@@ -241,3 +241,39 @@ def test_bad_outcome_is_refused():
     m = JobMetrics(model="tiny", port=0)
     with pytest.raises(ValueError, match="outcome"):
         m.rows_done("maybe", 1)
+
+
+def test_stop_waits_for_a_final_scrape_only_when_scraped():
+    import time
+
+    m = JobMetrics(model="tiny", port=free_port())
+    m.start()
+    t0 = time.monotonic()
+    m.stop()  # never scraped: no wait
+    assert time.monotonic() - t0 < 1.0
+
+    m = JobMetrics(model="tiny", port=free_port())
+    m.start()
+    url, got, done = m.url, [], threading.Event()
+
+    def scraper() -> None:  # a Prometheus stand-in: scrape every 0.3 s, keep the last rows value
+        while not done.is_set():
+            try:
+                fams = scrape(url)
+            except OSError:
+                return
+            got.append(sum(s.value for s in fams["upg_batch_rows_total"][2]))
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=scraper)
+    thread.start()
+    while len(got) < 2:
+        time.sleep(0.05)
+    m.rows_done("ok", 7)  # the job's last commit, right before it ends
+    t0 = time.monotonic()
+    m.stop()
+    waited = time.monotonic() - t0
+    done.set()
+    thread.join()
+    assert got[-1] == 7, got  # the final value was served before the port closed
+    assert waited < 2.0

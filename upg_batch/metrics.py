@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import platform
 import threading
+import time
 from typing import Any, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -47,10 +48,13 @@ class _CreatedFilter(Collector):
     and histogram family in Prometheus; `rate()` and `histogram_quantile()` do not need them.
     """
 
-    def __init__(self, metrics: Iterable[Any]) -> None:
+    def __init__(self, metrics: Iterable[Any], on_collect: Any = None) -> None:
         self._metrics = list(metrics)
+        self._on_collect = on_collect
 
     def collect(self):  # type: ignore[override]
+        if self._on_collect is not None:
+            self._on_collect()
         for metric in self._metrics:
             for family in metric.collect():
                 family.samples = [s for s in family.samples if not s.name.endswith("_created")]
@@ -62,15 +66,24 @@ class JobMetrics:
 
     port 0 or None: no HTTP server; every method still works (values are kept, not served).
     host: the address to bind; loopback by default, because the endpoint is unauthenticated.
+    max_nodes: distinct `node` label values; further nodes share OVERFLOW_NODE.
+    linger_s: at stop(), if a scraper has been reading the endpoint, keep serving until it has
+      read the final values (one more scrape), waiting at most this long.
     """
 
-    def __init__(self, model: str, host: str = "127.0.0.1", port: int | None = 9464, max_nodes: int = 256) -> None:
+    def __init__(
+        self, model: str, host: str | None = "127.0.0.1", port: int | None = 9464, max_nodes: int = 256, linger_s: float = 30.0
+    ) -> None:
         self.model = str(model)
         self.host = host or "127.0.0.1"
         self.port = int(port) if port else 0
         self.max_nodes = int(max_nodes)
+        self.linger_s = float(linger_s)
         self.registry = CollectorRegistry(auto_describe=True)
         self._lock = threading.Lock()
+        # scrapes while serving: times of the last two, to see a final one out at stop()
+        self._scraped = threading.Condition()
+        self._scrapes: list[float] = []
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._nodes: set[str] = set()
@@ -102,7 +115,7 @@ class JobMetrics:
         m["commit"] = Histogram("upg_batch_commit_duration_seconds", "Time to commit one shard: write, fsync, rename, manifest.", L, buckets=COMMIT_BUCKETS, registry=None)
         m["build"] = Gauge("upg_batch_build_info", "Always 1; labels say which build of upg-batch runs the job.", ["model", "version", "python", "ray", "prometheus_client"], registry=None)
         self._m = m
-        self.registry.register(_CreatedFilter(m.values()))
+        self.registry.register(_CreatedFilter(m.values(), on_collect=self._on_scrape))
 
         for state in SHARD_STATES:
             m["shards"].labels(self.model, state).set(0)
@@ -117,8 +130,27 @@ class JobMetrics:
             return
         self._server, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
 
+    def _on_scrape(self) -> None:
+        if self._server is None:
+            return
+        with self._scraped:
+            self._scrapes = [*self._scrapes[-1:], time.monotonic()]
+            self._scraped.notify_all()
+
     def stop(self) -> None:
-        """Stop serving and free the port. Safe to call twice, or without start()."""
+        """Stop serving and free the port. Safe to call twice, or without start().
+
+        A batch job's last values would otherwise never reach Prometheus when the job ends
+        between two scrapes: if something scrapes the endpoint regularly (two scrapes seen),
+        stop() first waits for one more scrape (up to two scrape intervals, at most `linger_s`).
+        """
+        with self._scraped:
+            if self._server is not None and len(self._scrapes) > 1:  # a scraper polls regularly
+                seen = self._scrapes[-1]
+                interval = self._scrapes[-1] - self._scrapes[0]
+                deadline = time.monotonic() + min(self.linger_s, 2 * interval + 1.0)
+                while self._scrapes[-1] == seen and time.monotonic() < deadline:
+                    self._scraped.wait(timeout=max(0.0, deadline - time.monotonic()))
         server, thread = self._server, self._thread
         self._server, self._thread = None, None
         if server is not None:
