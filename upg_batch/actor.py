@@ -1,0 +1,95 @@
+"""The Ray engine actor: loads the model once, runs one shard at a time, reports live stats.
+
+The actor is threaded with two concurrency groups: `work` (one thread, so shards run one
+after another while the next one waits queued) and `poll` (so the driver can read
+`eng.stats()` while a shard's `generate` runs; generate releases the GIL).
+
+Test-only hooks (read from the driver's environment and handed to the actor; never set them
+in production):
+  UPG_BATCH_TEST_SHARD_DELAY_S  seconds to sleep before each shard (slows a job down so tests
+                                can kill the driver or an actor mid-job deterministically)
+  UPG_BATCH_TEST_CRASH          "I" or "I@A": the actor process exits when it starts shard I
+                                (every attempt, or only attempt A), like a crash would
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import ray
+
+from upg_batch.chat import load_chat_template
+from upg_batch.plan import Shard
+from upg_batch.rows import ShardResult, WorkSpec, Prompting, run_rows
+
+__all__ = ["EngineActor", "node_label", "test_hooks_from_env"]
+
+TEST_HOOK_VARS = ("UPG_BATCH_TEST_SHARD_DELAY_S", "UPG_BATCH_TEST_CRASH")
+
+
+def node_label(node_id: str, ip: str) -> str:
+    """The short, bounded name of a Ray node used in logs, summaries, manifests and metrics."""
+    return f"{ip}-{node_id[:8]}"
+
+
+def test_hooks_from_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in TEST_HOOK_VARS if os.environ.get(k)}
+
+
+@ray.remote(concurrency_groups={"work": 1, "poll": 1})
+class EngineActor:
+    def __init__(self, spec: WorkSpec, actor_key: str, node: str, hooks: dict[str, str]) -> None:
+        from upg_batch.engine import Engine
+
+        m = spec.cfg.model
+        self.spec = spec
+        self.actor_key = actor_key
+        self.hooks = hooks
+        self.node = node  # node_label() of the node the driver pinned this actor to
+        self.engine = Engine(m.path, backend=m.backend, weights=m.weights, threads=m.threads, max_batch=m.max_batch, context=m.context)
+        self.prompting = Prompting(self.engine, load_chat_template(m.path))
+        self._lock = threading.Lock()
+        self._current: int | None = None
+
+    @ray.method(concurrency_group="poll")
+    def ready(self) -> dict[str, Any]:
+        return {"node": self.node, "pid": os.getpid(), "info": self.engine.info}
+
+    @ray.method(concurrency_group="work")
+    def run_shard(self, shard: Shard, attempt: int) -> ShardResult:
+        from upg_batch.engine import SamplingParams
+
+        with self._lock:
+            self._current = shard.index
+        try:
+            self._apply_hooks(shard, attempt)
+            result = run_rows(self.engine, self.prompting, shard, self.spec, SamplingParams)
+            result.attempt = attempt
+            result.node = self.node
+            result.actor_key = self.actor_key
+            return result
+        finally:
+            with self._lock:
+                self._current = None
+
+    @ray.method(concurrency_group="poll")
+    def stats(self) -> dict[str, Any]:
+        """Live engine stats, plus max_batch and the shard running now (None when idle)."""
+        stats: dict[str, Any] = dict(self.engine.stats())
+        stats["max_batch"] = self.spec.cfg.model.max_batch
+        with self._lock:
+            stats["shard"] = self._current
+        return stats
+
+    def _apply_hooks(self, shard: Shard, attempt: int) -> None:
+        crash = self.hooks.get("UPG_BATCH_TEST_CRASH")
+        if crash:
+            index, _, only = crash.partition("@")
+            if int(index) == shard.index and (not only or int(only) == attempt):
+                os._exit(17)
+        delay = float(self.hooks.get("UPG_BATCH_TEST_SHARD_DELAY_S", 0) or 0)
+        if delay > 0:
+            time.sleep(delay)

@@ -1,0 +1,96 @@
+"""`upg-batch`: run or validate a job file.
+
+Exit status: 0 when the job finished (error rows are results, not failures); 2 for a job
+that cannot start (config, dataset, output folder, model); 1 when a started job could not
+finish; 130 on Ctrl-C. Every failure prints one line naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="upg-batch",
+        description="Distributed batch inference: Parquet prompts in, Arrow completions out, over a Ray cluster.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser(
+        "run",
+        help="run a job (resumes a job interrupted earlier)",
+        description="Run JOB.yaml: shard the prompts over Ray engine actors and commit each shard's "
+        "completions exactly once under output.path. Running it again resumes.",
+    )
+    run.add_argument("job", metavar="JOB.yaml", help="the job file (docs/config.md)")
+    run.add_argument("--overwrite", action="store_true", help="replace output of a different job in output.path")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    val = sub.add_parser(
+        "validate",
+        help="check a job without generating",
+        description="Check JOB.yaml: the config, every input file's schema and that the model loads; "
+        "count rows and report rows that cannot run (too long for the context, empty, ...).",
+    )
+    val.add_argument("job", metavar="JOB.yaml", help="the job file (docs/config.md)")
+    val.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    val.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.getLogger("upg_batch").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"upg-batch: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    # imported here so `--help` answers at once
+    from upg_batch.commit import OutputError
+    from upg_batch.config import ConfigError, load_config
+    from upg_batch.plan import DatasetError
+    from upg_batch.runner import JobError
+
+    try:
+        cfg = load_config(args.job)
+        if args.command == "validate":
+            from upg_batch.validate import format_report, validate
+
+            report = validate(cfg)
+            print(json.dumps(report, indent=1) if args.json else format_report(report))
+            return EXIT_OK
+        from upg_batch.progress import format_summary
+        from upg_batch.runner import Runner
+
+        summary = Runner(cfg, overwrite=args.overwrite).run()
+        print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+        return EXIT_OK
+    except (ConfigError, DatasetError, OutputError) as e:
+        return _fail(EXIT_BAD_JOB, str(e))
+    except JobError as e:
+        return _fail(EXIT_FAILED, str(e))
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted; committed shards are kept, run the job again to resume")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

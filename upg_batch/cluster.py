@@ -1,0 +1,114 @@
+"""Ray: connect (a local Ray bound to 127.0.0.1, or an existing cluster) and place actors.
+
+Actors are pinned to nodes by node affinity, `cluster.actors_per_node` per node (as many as
+the node's CPUs allow) or one per GPU, so every machine runs its own engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from upg_batch.actor import EngineActor, node_label
+from upg_batch.config import ClusterSection
+
+__all__ = ["Slot", "connect", "node_alive", "plan_slots", "start_actor"]
+
+log = logging.getLogger("upg_batch")
+
+
+def connect(cluster: ClusterSection) -> bool:
+    """Initialize Ray unless it already is. Returns True if this call started or joined it."""
+    if ray.is_initialized():
+        return False
+    if cluster.address is None:
+        # A private Ray on this machine: bound to loopback because Ray's ports run code
+        # for anyone who reaches them.
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    else:
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    return True
+
+
+@dataclass
+class Slot:
+    """One engine actor's place: a node (and its restarts)."""
+
+    index: int
+    node_id: str
+    node: str  # node_label
+    num_gpus: float
+    gen: int = 0  # restarts so far
+    handle: Any = None
+    key: str = ""
+    state: str = "new"  # new | starting | ready | dead
+    ready_ref: Any = None
+    started_at: float = 0.0
+    queue: list[Any] = field(default_factory=list)  # refs of run_shard calls, oldest first
+    head_since: float = 0.0  # when the oldest queued call became the oldest
+    current: int | None = None  # shard the actor last said it runs
+    stats_ref: Any = None
+    last_poll: float = 0.0
+    last_error: str = ""
+
+
+def _alive_nodes() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def node_alive(node_id: str) -> bool:
+    return any(n["NodeID"] == node_id for n in _alive_nodes())
+
+
+def plan_slots(cluster: ClusterSection) -> list[Slot]:
+    """Where actors go: per node (as many of actors_per_node as its CPUs fit) or per GPU."""
+    slots: list[Slot] = []
+    for n in sorted(_alive_nodes(), key=lambda n: n["NodeID"]):
+        res = n.get("Resources", {})
+        if cluster.actors == "per_gpu":
+            count, gpus = int(res.get("GPU", 0)), 1.0
+        else:
+            count, gpus = cluster.actors_per_node, 0.0
+            if cluster.num_cpus_per_actor > 0:
+                count = min(count, int(res.get("CPU", 0) // cluster.num_cpus_per_actor))
+        label = node_label(n["NodeID"], n.get("NodeManagerAddress", "?"))
+        for _ in range(count):
+            slots.append(Slot(index=len(slots), node_id=n["NodeID"], node=label, num_gpus=gpus))
+    return slots
+
+
+def start_actor(slot: Slot, cluster: ClusterSection, spec: Any, hooks: dict[str, str], now: float) -> None:
+    """Create the slot's actor (pinned to its node) and ask it for `ready`."""
+    slot.key = f"{slot.index}.{slot.gen}"
+    slot.handle = EngineActor.options(
+        num_cpus=cluster.num_cpus_per_actor,
+        num_gpus=slot.num_gpus,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=slot.node_id, soft=False),
+        max_restarts=0,  # the driver restarts actors itself, counting them
+        max_task_retries=0,
+    ).remote(spec, slot.key, slot.node, hooks)
+    slot.ready_ref = slot.handle.ready.remote()
+    slot.state = "starting"
+    slot.started_at = now
+    slot.queue = []
+    slot.current = None
+    slot.stats_ref = None
+
+
+def kill_actor(slot: Slot) -> None:
+    if slot.handle is not None:
+        try:
+            ray.kill(slot.handle, no_restart=True)
+        except Exception as e:  # already gone
+            log.debug("kill actor %s: %s", slot.key, e)
+    slot.handle = None

@@ -1,0 +1,199 @@
+"""The output folder: exactly-once shard commits, the manifest, resume and _SUCCESS.
+
+A commit (G1-G5): the shard's batch is written to a hidden temporary file, fsynced,
+renamed to `part-NNNNNN.<fmt>`, the folder fsynced; then the manifest is rewritten
+atomically (temp, fsync, rename, fsync folder) with the shard recorded. A shard counts as
+committed only once the manifest says so: a part file without a manifest entry (a crash
+between rename and manifest) is deleted on resume and the shard runs again.
+
+Names starting with '_' or '.' are ignored by pyarrow's dataset discovery, so
+`pyarrow.dataset.dataset(out, format="arrow")` reads only the part files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = ["Committer", "OutputError", "MANIFEST", "SUCCESS", "part_name"]
+
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+LOCK = ".upg-batch.lock"
+TMP_PREFIX = ".tmp-"
+_PART = re.compile(r"^part-(\d+)\.(arrow|parquet)$")
+MANIFEST_VERSION = 1
+
+
+class OutputError(RuntimeError):
+    """The output folder cannot take this job; the message says why and what to do."""
+
+
+def part_name(index: int, fmt: str) -> str:
+    return f"part-{index:06d}.{fmt}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _ours(name: str) -> bool:
+    """Files this runner writes into an output folder."""
+    return bool(_PART.match(name)) or name in (MANIFEST, SUCCESS, LOCK) or name.startswith(TMP_PREFIX)
+
+
+class Committer:
+    """Owns one output folder for the length of a run (an exclusive lock keeps others out)."""
+
+    def __init__(self, out_dir: Path, fingerprint: dict[str, str], total_shards: int, fmt: str, overwrite: bool = False) -> None:
+        self.dir = Path(out_dir)
+        self.fmt = fmt
+        self.fingerprint = dict(fingerprint)
+        self.total_shards = total_shards
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise OutputError(f"{self.dir}: another upg-batch run is writing into this folder") from None
+        self.shards: dict[int, dict[str, Any]] = {}
+        self.runs = 0
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening: check, clean, resume -----------------------------------------------------
+    def _open(self, overwrite: bool) -> None:
+        manifest = self._read_manifest()
+        foreign = sorted(n for n in os.listdir(self.dir) if not _ours(n) and not n.startswith((".", "_")))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+            raise OutputError(f"{self.dir}: holds files upg-batch did not write ({shown}); choose an empty or new output.path")
+        if manifest is not None and not overwrite:
+            old = manifest.get("fingerprint", {})
+            if old.get("job") != self.fingerprint["job"]:
+                differ = [k for k in ("config", "model", "dataset") if old.get(k) != self.fingerprint.get(k)]
+                raise OutputError(
+                    f"{self.dir}: holds output of a different job (its {', '.join(differ) or 'fingerprint'} differs); "
+                    "run with --overwrite to replace it, or choose another output.path"
+                )
+            self.shards = {int(k): v for k, v in manifest.get("shards", {}).items()}
+            self.runs = int(manifest.get("runs", 0))
+        elif manifest is None and not overwrite:
+            parts = [n for n in os.listdir(self.dir) if _PART.match(n)]
+            if parts:
+                raise OutputError(f"{self.dir}: holds part files but no {MANIFEST}; run with --overwrite to replace them")
+        if overwrite:
+            self.shards = {}
+            for n in os.listdir(self.dir):
+                if _ours(n) and n != LOCK:
+                    os.unlink(self.dir / n)
+        self._clean()
+        self.runs += 1
+        self._write_manifest()
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        path = self.dir / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise OutputError(f"{path}: unreadable manifest ({e}); run with --overwrite to start over") from None
+        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+            raise OutputError(f"{path}: not a manifest this version of upg-batch understands; run with --overwrite")
+        return data
+
+    def _clean(self) -> None:
+        """Delete temp files of killed runs and part files the manifest does not record;
+        forget manifest entries whose file has gone (those shards run again)."""
+        changed = False
+        for n in os.listdir(self.dir):
+            m = _PART.match(n)
+            stray_part = m is not None and (int(m.group(1)) not in self.shards or self.shards[int(m.group(1))]["file"] != n)
+            if n.startswith(TMP_PREFIX) or stray_part:
+                os.unlink(self.dir / n)
+                changed = True
+        for index in [i for i, e in self.shards.items() if not (self.dir / e["file"]).is_file()]:
+            del self.shards[index]
+        if len(self.shards) < self.total_shards:
+            (self.dir / SUCCESS).unlink(missing_ok=True)
+        if changed:
+            _fsync_dir(self.dir)
+
+    # -- committing ------------------------------------------------------------------------
+    def is_committed(self, index: int) -> bool:
+        return index in self.shards
+
+    def commit(self, index: int, batch: pa.RecordBatch, info: dict[str, Any]) -> float:
+        """Write, fsync, rename, record. Returns the seconds it took."""
+        if index in self.shards:  # the driver commits each shard once; this guards G3
+            raise OutputError(f"shard {index} is already committed")
+        t0 = time.perf_counter()
+        name = part_name(index, self.fmt)
+        final = self.dir / name
+        tmp = self.dir / f"{TMP_PREFIX}{name}.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            if self.fmt == "parquet":
+                pq.write_table(pa.Table.from_batches([batch]), f)
+            else:
+                with pa.ipc.new_file(f, batch.schema) as writer:
+                    writer.write_batch(batch)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+        self.shards[index] = {"file": name, "rows": batch.num_rows, "bytes": final.stat().st_size, **info}
+        self._write_manifest()
+        return time.perf_counter() - t0
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Mark the job complete: the manifest, then _SUCCESS (last, so readers can wait on it)."""
+        self._write_manifest(summary=summary, complete=True)
+        _write_atomic(self.dir / SUCCESS, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
+
+    def _write_manifest(self, summary: dict[str, Any] | None = None, complete: bool = False) -> None:
+        data = {
+            "version": MANIFEST_VERSION,
+            "fingerprint": self.fingerprint,
+            "total_shards": self.total_shards,
+            "format": self.fmt,
+            "runs": self.runs,
+            "complete": complete,
+            "shards": {str(k): v for k, v in sorted(self.shards.items())},
+        }
+        if summary is not None:
+            data["summary"] = summary
+        _write_atomic(self.dir / MANIFEST, json.dumps(data, separators=(",", ":")).encode())
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            # unlink while still holding the lock, so no file is left behind
+            (self.dir / LOCK).unlink(missing_ok=True)
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1

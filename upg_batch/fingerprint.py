@@ -1,0 +1,95 @@
+"""Fingerprints of what determines a job's output: config, model and dataset.
+
+Cheap by design: the model's small JSON files are hashed whole, weight files only by size
+and header (safetensors) or first and last bytes (other formats); Parquet files by size and
+footer (schema, row groups, statistics). Nothing reads the weights or the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from upg_batch.config import JobConfig
+from upg_batch.plan import Plan
+
+__all__ = ["fingerprint", "config_fields"]
+
+_MODEL_JSON = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+_EDGE = 1 << 16  # bytes hashed at each end of a weight file without a parseable header
+
+
+def config_fields(cfg: JobConfig) -> dict[str, Any]:
+    """The config fields that change what is written (not where it runs or how fast)."""
+    return {
+        "model": {"backend": cfg.model.backend, "weights": cfg.model.weights, "context": cfg.model.context},
+        "input": {
+            "prompt_column": cfg.input.prompt_column,
+            "messages_column": cfg.input.messages_column,
+            "id_column": cfg.input.id_column,
+            "shard_rows": cfg.input.shard_rows,
+        },
+        "output": {"format": cfg.output.format, "passthrough": list(cfg.output.passthrough)},
+        "sampling": cfg.sampling.model_dump(mode="json"),
+    }
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _weight_signature(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 and path.suffix == ".safetensors" else None
+        if n is not None and 0 < n <= min(size - 8, 100 << 20):
+            h.update(f.read(n))  # the safetensors header: names, dtypes, shapes, offsets
+        else:
+            f.seek(0)
+            h.update(f.read(_EDGE))
+            if size > _EDGE:
+                f.seek(max(_EDGE, size - _EDGE))
+                h.update(f.read(_EDGE))
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def model_fingerprint(model_dir: Path) -> dict[str, Any]:
+    files: dict[str, Any] = {}
+    for name in _MODEL_JSON:
+        p = model_dir / name
+        if p.is_file():
+            files[name] = hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(model_dir.iterdir()):
+        if p.is_file() and p.suffix in (".safetensors", ".gguf", ".bin", ".pt", ".pth"):
+            files[p.name] = _weight_signature(p)
+    return files
+
+
+def _parquet_footer_hash(path: str, size: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 8))
+        tail = f.read(8)
+        n = struct.unpack("<I", tail[:4])[0] if len(tail) == 8 and tail[4:] == b"PAR1" else 0
+        f.seek(max(0, size - 8 - n))
+        return hashlib.sha256(f.read(n + 8)).hexdigest()
+
+
+def dataset_fingerprint(plan: Plan) -> list[Any]:
+    return [[f.key, f.size, f.num_rows, _parquet_footer_hash(f.path, f.size)] for f in plan.files]
+
+
+def fingerprint(cfg: JobConfig, plan: Plan) -> dict[str, str]:
+    """Digests of config, model and dataset, and one over all three."""
+    parts = {
+        "config": _digest(config_fields(cfg)),
+        "model": _digest(model_fingerprint(Path(cfg.model.path))),
+        "dataset": _digest(dataset_fingerprint(plan)),
+    }
+    parts["job"] = _digest(parts)
+    return parts
+

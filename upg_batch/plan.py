@@ -1,0 +1,269 @@
+"""Input discovery, schema checks and shard planning, from Parquet metadata only.
+
+The driver never loads the dataset: it reads each file's footer (schema, row groups, row
+counts) and cuts every file into shards of at most `input.shard_rows` rows. An actor reads
+its own shard's rows with pyarrow (`read_shard`), touching only the row groups it overlaps.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from upg_batch.config import OVERRIDE_COLUMNS, InputSection, JobConfig
+
+__all__ = ["DatasetError", "InputFile", "Plan", "Shard", "find_files", "make_plan", "read_shard"]
+
+
+class DatasetError(ValueError):
+    """The dataset is unusable; the message names the file and column."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # absolute
+    key: str  # short stable name used in row keys ("file:row"): path relative to the input root
+    size: int
+    num_rows: int
+    row_group_rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    file: InputFile
+    start: int  # first row in the file
+    stop: int  # one past the last row
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def name(self) -> str:
+        return f"{self.file.key}[{self.start}:{self.stop}]"
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which input columns the job reads (those present in the dataset)."""
+
+    prompt: str | None
+    messages: str | None
+    id: str | None
+    overrides: tuple[str, ...]
+    passthrough: tuple[str, ...]
+
+    def all(self) -> list[str]:
+        names = [self.prompt, self.messages, self.id, *self.overrides, *self.passthrough]
+        seen: list[str] = []
+        for n in names:
+            if n is not None and n not in seen:
+                seen.append(n)
+        return seen
+
+
+@dataclass(frozen=True)
+class Plan:
+    files: tuple[InputFile, ...]
+    shards: tuple[Shard, ...]
+    columns: Columns
+    id_type: pa.DataType
+    passthrough_types: tuple[pa.DataType, ...]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+
+_GLOB_CHARS = set("*?[")
+
+
+def find_files(path: str) -> tuple[list[str], str]:
+    """The input files (sorted) and the root their keys are relative to.
+
+    A file; a folder (every file below it, except names starting with '_' or '.', as
+    pyarrow's dataset discovery does); or a glob.
+    """
+    if any(c in path for c in _GLOB_CHARS):
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        root = _glob_root(path)
+    elif os.path.isdir(path):
+        root = path
+        files = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(("_", ".")))
+            files += [os.path.join(dirpath, f) for f in filenames if not f.startswith(("_", "."))]
+        files.sort()
+    elif os.path.isfile(path):
+        files, root = [path], os.path.dirname(path)
+    else:
+        raise DatasetError(f"input.path {path}: no such file or folder")
+    if not files:
+        raise DatasetError(f"input.path {path}: no input files found")
+    return [os.path.abspath(f) for f in files], os.path.abspath(root)
+
+
+def _glob_root(pattern: str) -> str:
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts:
+        if any(c in part for c in _GLOB_CHARS):
+            break
+        fixed.append(part)
+    return str(Path(*fixed)) if fixed else "."
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def _is_messages(t: pa.DataType) -> bool:
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return pa.types.is_null(t)
+    item = t.value_type
+    if not pa.types.is_struct(item):
+        return False
+    names = {item.field(i).name: item.field(i).type for i in range(item.num_fields)}
+    return all(k in names and _is_string(names[k]) for k in ("role", "content"))
+
+
+def _override_ok(name: str, t: pa.DataType) -> bool:
+    if pa.types.is_null(t):
+        return True
+    if name in ("max_tokens", "top_k", "seed"):
+        return pa.types.is_integer(t)
+    if name in ("temperature", "top_p", "min_p"):
+        return pa.types.is_integer(t) or pa.types.is_floating(t)
+    # stop: one string or a list of strings
+    if _is_string(t):
+        return True
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_string(t.value_type)
+
+
+_EXPECT = {
+    "max_tokens": "an integer",
+    "top_k": "an integer",
+    "seed": "an integer",
+    "temperature": "a number",
+    "top_p": "a number",
+    "min_p": "a number",
+    "stop": "a string or a list of strings",
+}
+
+
+def _normalize(t: pa.DataType) -> pa.DataType:
+    """Types equal up to string/large_string widths compare equal across files."""
+    if pa.types.is_large_string(t):
+        return pa.string()
+    return t
+
+
+def make_plan(cfg: JobConfig) -> Plan:
+    """Check every input file's schema, then cut the files into shards. Raises DatasetError."""
+    inp: InputSection = cfg.input
+    paths, root = find_files(inp.path)
+    files: list[InputFile] = []
+    schemas: list[pa.Schema] = []
+    for p in paths:
+        try:
+            meta = pq.read_metadata(p)
+            schema = pq.read_schema(p)
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+            raise DatasetError(f"{p}: not a readable Parquet file ({_first_line(e)})") from None
+        rg = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+        key = os.path.relpath(p, root)
+        files.append(InputFile(p, key, os.path.getsize(p), meta.num_rows, rg))
+        schemas.append(schema)
+
+    names_in_all = [set(s.names) for s in schemas]
+    has_messages = any(inp.messages_column in n for n in names_in_all)
+    has_prompt = any(inp.prompt_column in n for n in names_in_all)
+    id_type: pa.DataType | None = None
+    pt_types: dict[str, pa.DataType] = {}
+    overrides = tuple(c for c in OVERRIDE_COLUMNS if any(c in n for n in names_in_all))
+    for f, schema in zip(files, schemas):
+        names = set(schema.names)
+        if inp.prompt_column not in names and inp.messages_column not in names:
+            raise DatasetError(
+                f"{f.path}: missing column '{inp.prompt_column}' (the prompt column; "
+                f"or a '{inp.messages_column}' column of chat messages)"
+            )
+        if inp.prompt_column in names and not _is_string(schema.field(inp.prompt_column).type):
+            raise DatasetError(
+                f"{f.path}: column '{inp.prompt_column}' must be a string column, "
+                f"got {schema.field(inp.prompt_column).type}"
+            )
+        if inp.messages_column in names and not _is_messages(schema.field(inp.messages_column).type):
+            raise DatasetError(
+                f"{f.path}: column '{inp.messages_column}' must be a list of {{role: string, content: string}}, "
+                f"got {schema.field(inp.messages_column).type}"
+            )
+        if inp.id_column is not None:
+            if inp.id_column not in names:
+                raise DatasetError(f"{f.path}: missing column '{inp.id_column}' (input.id_column)")
+            t = _normalize(schema.field(inp.id_column).type)
+            if not (pa.types.is_integer(t) or pa.types.is_string(t)):
+                raise DatasetError(f"{f.path}: column '{inp.id_column}' (input.id_column) must be an integer or string column, got {t}")
+            if id_type is None:
+                id_type = t
+            elif t != id_type:
+                raise DatasetError(f"{f.path}: column '{inp.id_column}' has type {t}, but earlier files have {id_type}")
+        for c in overrides:
+            if c in names and not _override_ok(c, schema.field(c).type):
+                raise DatasetError(f"{f.path}: column '{c}' (a per-row override) must be {_EXPECT[c]}, got {schema.field(c).type}")
+        for c in cfg.output.passthrough:
+            if c not in names:
+                raise DatasetError(f"{f.path}: missing column '{c}' (output.passthrough)")
+            t = _normalize(schema.field(c).type)
+            if c in pt_types and pt_types[c] != t:
+                raise DatasetError(f"{f.path}: column '{c}' has type {t}, but earlier files have {pt_types[c]}")
+            pt_types.setdefault(c, t)
+
+    columns = Columns(
+        prompt=inp.prompt_column if has_prompt else None,
+        messages=inp.messages_column if has_messages else None,
+        id=inp.id_column,
+        overrides=overrides,
+        passthrough=tuple(cfg.output.passthrough),
+    )
+    shards: list[Shard] = []
+    for f in files:
+        for start in range(0, f.num_rows, inp.shard_rows):
+            shards.append(Shard(len(shards), f, start, min(f.num_rows, start + inp.shard_rows)))
+    return Plan(
+        files=tuple(files),
+        shards=tuple(shards),
+        columns=columns,
+        id_type=id_type if id_type is not None else pa.string(),
+        passthrough_types=tuple(pt_types[c] for c in cfg.output.passthrough),
+    )
+
+
+def read_shard(shard: Shard, columns: Sequence[str]) -> pa.Table:
+    """The shard's rows, only `columns` that the file has, reading only overlapping row groups."""
+    pf = pq.ParquetFile(shard.file.path)
+    present = [c for c in columns if c in pf.schema_arrow.names]
+    groups, first = [], None
+    offset = 0
+    for i, n in enumerate(shard.file.row_group_rows):
+        if offset + n > shard.start and offset < shard.stop:
+            groups.append(i)
+            if first is None:
+                first = offset
+        offset += n
+    if not groups:
+        return pf.schema_arrow.empty_table().select(present)
+    table = pf.read_row_groups(groups, columns=present)
+    return table.slice(shard.start - (first or 0), shard.rows)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

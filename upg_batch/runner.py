@@ -1,0 +1,396 @@
+"""The driver: plan, start engine actors, hand out shards, commit results, recover, summarize.
+
+Only the driver commits, and only the result of an attempt it is still waiting for: when it
+gives up on an attempt (its actor died or timed out) the attempt's ref is dropped, so a
+late result can never be committed (G3). Every wait is `ray.wait` with a timeout, so a
+dead actor or node never hangs the job.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+from upg_batch.actor import test_hooks_from_env
+from upg_batch.cluster import Slot, connect, kill_actor, node_alive, plan_slots, start_actor
+from upg_batch.commit import Committer
+from upg_batch.config import JobConfig
+from upg_batch.fingerprint import fingerprint
+from upg_batch.plan import Plan, make_plan
+from upg_batch.progress import Progress, format_summary
+from upg_batch.rows import ShardResult, WorkSpec, error_batch, output_schema
+
+__all__ = ["JobError", "Runner", "run_job"]
+
+log = logging.getLogger("upg_batch")
+
+
+class JobError(RuntimeError):
+    """The job could not finish (no engine could start, every actor died, ...)."""
+
+
+def _job_metrics(cfg: JobConfig) -> Any:
+    try:
+        from upg_batch.metrics import JobMetrics
+    except ModuleNotFoundError as e:  # observability not installed yet: keep the calls, serve nothing
+        if e.name != "upg_batch.metrics":
+            raise
+        return _NoMetrics()
+    return JobMetrics(model=Path(cfg.model.path).name, host=cfg.metrics.host, port=cfg.metrics.port or 0)
+
+
+class _NoMetrics:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+def check_model_dir(cfg: JobConfig) -> None:
+    p = Path(cfg.model.path)
+    if not (p / "config.json").is_file():
+        raise JobError(f"model.path {p}: no config.json there (expected a Hugging Face model folder)")
+
+
+class Runner:
+    def __init__(self, cfg: JobConfig, overwrite: bool = False, stream: TextIO | None = None) -> None:
+        self.cfg = cfg
+        self.overwrite = overwrite
+        self.stream = stream
+        self.plan: Plan | None = None
+
+    # -- the whole job ---------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run the job to the end; returns the summary. Raises ConfigError / DatasetError /
+        OutputError / JobError for a job that cannot run."""
+        t_start = time.monotonic()
+        cfg = self.cfg
+        check_model_dir(cfg)
+        plan = self.plan = make_plan(cfg)
+        fp = fingerprint(cfg, plan)
+        committer = Committer(cfg.output.path, fp, len(plan.shards), cfg.output.format, overwrite=self.overwrite)
+        try:
+            skipped = sum(committer.is_committed(s.index) for s in plan.shards)
+            todo = [s for s in plan.shards if not committer.is_committed(s.index)]
+            spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types))))
+            stats = _RunStats()
+            metrics = _job_metrics(cfg)
+            metrics.start()
+            try:
+                if todo:
+                    started_ray = connect(cfg.cluster)
+                    try:
+                        stats = _Loop(self, plan, spec, committer, metrics, todo).run()
+                    finally:
+                        if started_ray:
+                            ray.shutdown()
+                summary = self._summary(plan, committer, stats, skipped, time.monotonic() - t_start)
+                committer.finish(summary)
+            finally:
+                metrics.stop()
+        finally:
+            committer.close()
+        return summary
+
+    def _summary(self, plan: Plan, committer: Committer, st: "_RunStats", skipped: int, wall_s: float) -> dict[str, Any]:
+        entries = committer.shards.values()
+        rows_run = sum(v["rows"] for v in st.nodes.values()) or 1
+        return {
+            "status": "complete",
+            "rows_total": plan.total_rows,
+            "rows_ok": sum(e["ok"] for e in entries),
+            "rows_error": sum(e["errors"] for e in entries),
+            "shards_total": len(plan.shards),
+            "shards_skipped": skipped,
+            "shards_run": st.shards,
+            "shards_failed": st.failed,
+            "actor_restarts": st.restarts,
+            "prompt_tokens": st.prompt_tokens,
+            "completion_tokens": st.completion_tokens,
+            "wall_s": round(wall_s, 3),
+            "processing_s": round(st.processing_s, 3),
+            "tokens_per_s": st.completion_tokens / st.processing_s if st.processing_s > 0 else 0.0,
+            "nodes": {node: {**v, "share": v["rows"] / rows_run} for node, v in st.nodes.items()},
+            "output": str(self.cfg.output.path),
+        }
+
+
+class _RunStats:
+    def __init__(self) -> None:
+        self.shards = 0
+        self.failed = 0
+        self.restarts = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.processing_s = 0.0
+        self.nodes: dict[str, dict[str, int]] = {}
+
+    def add(self, node: str, rows: int, tokens: int) -> None:
+        n = self.nodes.setdefault(node, {"shards": 0, "rows": 0, "completion_tokens": 0})
+        n["shards"] += 1
+        n["rows"] += rows
+        n["completion_tokens"] += tokens
+
+
+class _Loop:
+    """The scheduling loop of one run."""
+
+    def __init__(self, runner: Runner, plan: Plan, spec: WorkSpec, committer: Committer, metrics: Any, todo: list[Any]) -> None:
+        self.cfg = runner.cfg
+        self.cl = runner.cfg.cluster
+        self.plan = plan
+        self.spec = spec
+        self.committer = committer
+        self.metrics = metrics
+        self.pending = collections.deque(s.index for s in todo)
+        self.failures: dict[int, int] = collections.Counter()
+        self.attempts: dict[int, int] = collections.Counter()
+        self.inflight: dict[Any, tuple[Slot, int, int]] = {}  # ref -> (slot, shard, attempt)
+        self.hooks = test_hooks_from_env()
+        self.stats = _RunStats()
+        done_rows = sum(e["rows"] for e in committer.shards.values())
+        pcfg = runner.cfg.progress
+        self.progress = Progress(plan.total_rows, done_rows, pcfg.bar, pcfg.log_interval_s, runner.stream)
+        self.metrics.set_rows(plan.total_rows, done_rows)
+        self.slots: list[Slot] = []
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self) -> _RunStats:
+        try:
+            self._start_actors()
+            t0 = time.monotonic()
+            while self.pending or self.inflight:
+                self._dispatch()
+                self._update_shard_gauges()
+                refs = list(self.inflight) + [s.ready_ref for s in self.slots if s.state == "starting"]
+                refs += [s.stats_ref for s in self.slots if s.stats_ref is not None]
+                if not refs:
+                    raise JobError(self._no_actor_message())
+                ready, _ = ray.wait(refs, num_returns=1, timeout=min(1.0, self.cfg.metrics.poll_interval_s))
+                for ref in ready:
+                    self._handle(ref)
+                self._poll_stats()
+                self._check_timeouts()
+                self.progress.tick()
+            self.stats.processing_s = time.monotonic() - t0
+            self._update_shard_gauges()
+            return self.stats
+        finally:
+            self.progress.close()
+            for s in self.slots:
+                kill_actor(s)
+
+    def _start_actors(self) -> None:
+        self.slots = plan_slots(self.cl)
+        if not self.slots:
+            raise JobError("no Ray node can host an engine actor (check cluster.num_cpus_per_actor / cluster.actors)")
+        now = time.monotonic()
+        for slot in self.slots:
+            start_actor(slot, self.cl, self.spec, self.hooks, now)
+        # A bad model fails here, before any shard runs: wait until every actor loaded it
+        # or failed (bounded by actor_start_timeout_s).
+        while any(s.state == "starting" for s in self.slots):
+            refs = [s.ready_ref for s in self.slots if s.state == "starting"]
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            for ref in ready:
+                self._handle(ref)
+            self._check_timeouts()
+        if not any(s.state == "ready" for s in self.slots):
+            raise JobError(self._no_actor_message())
+
+    def _no_actor_message(self) -> str:
+        causes = sorted({s.last_error for s in self.slots if s.last_error})
+        return "no engine actor could run: " + ("; ".join(causes) if causes else "no actor is alive")
+
+    def _slot_of_ready(self, ref: Any) -> Slot | None:
+        for s in self.slots:
+            if s.ready_ref is not None and s.ready_ref == ref:
+                return s
+        return None
+
+    def _handle(self, ref: Any) -> None:
+        if ref in self.inflight:
+            self._handle_shard(ref)
+            return
+        slot = self._slot_of_ready(ref)
+        if slot is not None:
+            slot.ready_ref = None
+            try:
+                info = ray.get(ref, timeout=10)
+            except (RayError, GetTimeoutError) as e:
+                self._actor_gone(slot, f"engine actor failed to start on {slot.node}: {_cause(e)}", starting=True)
+                return
+            slot.state = "ready"
+            slot.node = info["node"]
+            log.debug("actor %s ready on %s (pid %s)", slot.key, slot.node, info["pid"])
+            return
+        for slot in self.slots:
+            if slot.stats_ref is not None and slot.stats_ref == ref:
+                slot.stats_ref = None
+                try:
+                    st = ray.get(ref, timeout=10)
+                except (RayError, GetTimeoutError):
+                    return  # a dead actor shows through its shard calls
+                slot.current = st.pop("shard", None)
+                self.metrics.observe_engine_stats(slot.node, slot.key, st)
+                return
+
+    # -- shards ----------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        now = time.monotonic()
+        # fill the least busy actors first so every node gets work
+        for slot in sorted((s for s in self.slots if s.state == "ready"), key=lambda s: len(s.queue)):
+            while self.pending and len(slot.queue) < self.cl.shards_in_flight:
+                index = self.pending.popleft()
+                self.attempts[index] += 1
+                ref = slot.handle.run_shard.remote(self.plan.shards[index], self.attempts[index])
+                if not slot.queue:
+                    slot.head_since = now
+                slot.queue.append(ref)
+                self.inflight[ref] = (slot, index, self.attempts[index])
+
+    def _drop(self, ref: Any) -> tuple[Slot, int, int]:
+        slot, index, attempt = self.inflight.pop(ref)
+        if ref in slot.queue:
+            head = slot.queue[0] == ref
+            slot.queue.remove(ref)
+            if head:
+                slot.head_since = time.monotonic()
+        return slot, index, attempt
+
+    def _handle_shard(self, ref: Any) -> None:
+        slot = self.inflight[ref][0]
+        try:
+            result: ShardResult = ray.get(ref, timeout=60)
+        except RayActorError as e:
+            self._actor_gone(slot, f"engine actor on {slot.node} died: {_cause(e)}")
+            return
+        except RayTaskError as e:  # the shard raised inside a live actor
+            _, index, _ = self._drop(ref)
+            self._shard_failed(index, f"shard failed on {slot.node}: {_cause(e)}")
+            return
+        except (RayError, GetTimeoutError) as e:  # e.g. the result object was lost with its node
+            _, index, _ = self._drop(ref)
+            self._shard_failed(index, f"shard result lost on {slot.node}: {_cause(e)}", charge=False)
+            return
+        _, index, _ = self._drop(ref)
+        info = {
+            "ok": result.ok,
+            "errors": result.errors,
+            "node": result.node,
+            "attempt": result.attempt,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "generate_s": round(result.generate_s, 4),
+        }
+        seconds = self.committer.commit(index, result.batch, info)
+        self.metrics.observe_commit(seconds)
+        self.metrics.observe_completions(result.node, result.ttfts, result.latencies)
+        self.metrics.rows_done("ok", result.ok)
+        self.metrics.rows_done("error", result.errors)
+        self.stats.shards += 1
+        self.stats.prompt_tokens += result.prompt_tokens
+        self.stats.completion_tokens += result.completion_tokens
+        self.stats.add(result.node, result.batch.num_rows, result.completion_tokens)
+        self.progress.update(result.batch.num_rows, result.completion_tokens)
+        self._after_rows()
+        slot.last_poll = 0.0  # poll the engine's counters right after a shard
+
+    def _after_rows(self) -> None:
+        done = sum(e["rows"] for e in self.committer.shards.values())
+        self.metrics.set_rows(self.plan.total_rows, done)
+
+    def _shard_failed(self, index: int, cause: str, charge: bool = True) -> None:
+        """An attempt of shard `index` failed: try again, or after max_attempts commit its
+        rows as error rows naming the cause."""
+        if charge:
+            self.failures[index] += 1
+        if self.failures[index] < self.cl.max_attempts:
+            log.warning("%s; shard %d goes back to the queue (attempt %d of %d failed)", cause, index, self.failures[index], self.cl.max_attempts)
+            self.pending.appendleft(index)
+            return
+        shard = self.plan.shards[index]
+        message = f"shard {shard.name} failed {self.failures[index]} times; last cause: {cause}"
+        log.error("%s; its %d rows become error rows", message, shard.rows)
+        batch = error_batch(shard, self.spec, message)
+        seconds = self.committer.commit(index, batch, {"ok": 0, "errors": shard.rows, "node": None, "attempt": self.attempts[index], "failed": True})
+        self.metrics.observe_commit(seconds)
+        self.metrics.rows_done("error", shard.rows)
+        self.stats.failed += 1
+        self.progress.update(shard.rows, 0)
+        self._after_rows()
+
+    # -- actors ----------------------------------------------------------------------------
+    def _actor_gone(self, slot: Slot, cause: str, starting: bool = False) -> None:
+        """The slot's actor died (or hangs): its shards go back to the queue, the one it was
+        running charged with a failed attempt; then restart it on its node, a bounded number
+        of times."""
+        log.warning("%s", cause)
+        refs = list(slot.queue)
+        running = slot.current
+        if refs and running not in [self.inflight[r][1] for r in refs]:
+            running = self.inflight[refs[0]][1]  # the oldest queued call was the one running
+        # requeue in order; the uncharged ones first so they are not stuck behind a poison shard
+        for ref in reversed(refs):
+            _, index, _ = self._drop(ref)
+            if index != running:
+                self.pending.appendleft(index)
+        if running is not None and refs:
+            self._shard_failed(running, cause)
+        kill_actor(slot)
+        slot.last_error = cause
+        self.metrics.forget_actor(slot.key)
+        slot.ready_ref, slot.stats_ref = None, None
+        if slot.gen < self.cl.max_actor_restarts and node_alive(slot.node_id) and not (starting and slot.gen == 0):
+            slot.gen += 1
+            self.stats.restarts += 1
+            self.metrics.actor_restarted(slot.node, slot.key)
+            start_actor(slot, self.cl, self.spec, self.hooks, time.monotonic())
+        else:
+            slot.state = "dead"
+            slot.queue = []
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.state == "starting" and now - slot.started_at > self.cl.actor_start_timeout_s:
+                self._actor_gone(slot, f"engine actor on {slot.node} did not start within {self.cl.actor_start_timeout_s:.0f}s", starting=True)
+            elif slot.state == "ready" and slot.queue and self.cl.shard_timeout_s is not None and now - slot.head_since > self.cl.shard_timeout_s:
+                self._actor_gone(slot, f"shard on {slot.node} ran longer than cluster.shard_timeout_s ({self.cl.shard_timeout_s:.0f}s)")
+
+    def _poll_stats(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.state == "ready" and slot.stats_ref is None and now - slot.last_poll >= self.cfg.metrics.poll_interval_s:
+                slot.last_poll = now
+                slot.stats_ref = slot.handle.stats.remote()
+
+    def _update_shard_gauges(self) -> None:
+        running = len(self.inflight)
+        self.metrics.set_shards(
+            pending=len(self.pending),
+            running=running,
+            committed=len(self.committer.shards),
+            failed=self.stats.failed,
+        )
+
+
+def _cause(e: BaseException) -> str:
+    """A one-line reason from a Ray exception (the innermost cause when there is one)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(e, RayTaskError) and cause is not None:
+        e = cause
+    text = str(e).strip().splitlines()
+    line = text[-1] if isinstance(e, RayTaskError) else (text[0] if text else "")
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def run_job(cfg: JobConfig, overwrite: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
+    """Run a job and log its summary; returns the summary dict."""
+    summary = Runner(cfg, overwrite=overwrite, stream=stream).run()
+    log.info("%s", format_summary(summary))
+    return summary

@@ -1,0 +1,75 @@
+"""`upg-batch validate`: everything `run` checks, plus each row, without generating.
+
+Loads the model on this machine (proving it loads), then reads the dataset shard by shard
+(memory bounded by one shard) and tokenizes every prompt, counting rows that would become
+error rows: too long for the context, null or empty, malformed messages, bad overrides.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+from upg_batch.chat import load_chat_template
+from upg_batch.config import JobConfig
+from upg_batch.plan import make_plan
+from upg_batch.rows import Prompting, WorkSpec, output_schema, prepare_rows
+from upg_batch.runner import JobError, check_model_dir
+
+__all__ = ["validate", "format_report"]
+
+_EXAMPLES = 5
+
+
+def validate(cfg: JobConfig) -> dict[str, Any]:
+    from upg_batch.engine import Engine, EngineError, SamplingParams
+
+    check_model_dir(cfg)
+    plan = make_plan(cfg)
+    m = cfg.model
+    try:
+        engine = Engine(m.path, backend=m.backend, weights=m.weights, threads=m.threads, max_batch=m.max_batch, context=m.context)
+    except (EngineError, OSError, ValueError) as e:
+        raise JobError(f"model.path {m.path}: the model does not load ({e})") from None
+    template = load_chat_template(m.path)
+    prompting = Prompting(engine, template)
+    spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types))))
+    kinds: collections.Counter[str] = collections.Counter()
+    examples: list[dict[str, Any]] = []
+    prompt_tokens = 0
+    for shard in plan.shards:
+        prep = prepare_rows(engine, prompting, shard, spec, SamplingParams)
+        prompt_tokens += sum(prep.prompt_tokens)
+        for i, kind in enumerate(prep.kind):
+            if kind is None:
+                continue
+            kinds[kind] += 1
+            if len(examples) < _EXAMPLES:
+                examples.append({"id": prep.ids[i].as_py(), "kind": kind, "error": prep.error[i]})
+    info = engine.info
+    return {
+        "config": "ok",
+        "model": {"path": str(Path(m.path)), "architecture": info.get("architecture"), "context": int(info["context"]), "chat_template": template is not None},
+        "files": len(plan.files),
+        "rows": plan.total_rows,
+        "shards": len(plan.shards),
+        "prompt_tokens": prompt_tokens,
+        "error_rows": sum(kinds.values()),
+        "error_kinds": dict(sorted(kinds.items())),
+        "too_long": kinds.get("too_long", 0),
+        "examples": examples,
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [
+        f"config ok; model {r['model']['path']} loads ({r['model']['architecture']}, context {r['model']['context']}, "
+        f"chat template: {'yes' if r['model']['chat_template'] else 'no'})",
+        f"{r['files']} files, {r['rows']} rows, {r['shards']} shards, {r['prompt_tokens']} prompt tokens",
+        f"{r['too_long']} rows too long for the context; {r['error_rows']} rows would be error rows"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in r['error_kinds'].items())})" if r["error_kinds"] else ""),
+    ]
+    for ex in r["examples"]:
+        lines.append(f"  row {ex['id']!r}: {ex['error']}")
+    return "\n".join(lines)
