@@ -1,0 +1,133 @@
+"""The job file: validation, suggestions, defaults, path resolution, and the CLI's answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from upg_batch.cli import main
+from upg_batch.config import ConfigError, JobConfig, load_config, parse_config
+
+BASE = {"model": {"path": "m"}, "input": {"path": "data/"}, "output": {"path": "out/"}}
+
+
+def _with(section: str, **values):
+    data = {k: dict(v) for k, v in BASE.items()}
+    data.setdefault(section, {}).update(values)
+    return data
+
+
+def test_defaults_are_sensible():
+    cfg = parse_config(BASE)
+    assert cfg.model.backend == "cpu" and cfg.model.weights == "f32" and cfg.model.max_batch == 32
+    assert cfg.sampling.max_tokens == 128 and cfg.sampling.temperature == 0.0
+    assert cfg.output.format == "arrow" and cfg.output.passthrough == ()
+    assert cfg.cluster.address is None and cfg.cluster.max_attempts == 3
+    assert cfg.metrics.host == "127.0.0.1" and cfg.metrics.port == 9464
+
+
+@pytest.mark.parametrize(
+    "data, wrong, hint",
+    [
+        (_with("sampling", max_token=5), "sampling.max_token", "sampling.max_tokens"),
+        (_with("model", bakend="cpu"), "model.bakend", "model.backend"),
+        (_with("input", prompt_colum="p"), "input.prompt_colum", "input.prompt_column"),
+        ({**BASE, "sampeling": {}}, "sampeling", "sampling"),
+    ],
+)
+def test_unknown_key_names_the_nearest_valid_one(data, wrong, hint):
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    assert f"unknown key '{wrong}'" in str(e.value)
+    assert f"did you mean '{hint}'" in str(e.value)
+
+
+def test_unknown_key_without_a_near_name_has_no_suggestion():
+    with pytest.raises(ConfigError, match="unknown key 'model.zzzzzz'") as e:
+        parse_config(_with("model", zzzzzz=1))
+    assert "did you mean" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        (_with("sampling", max_tokens="many"), "sampling.max_tokens"),
+        (_with("sampling", max_tokens=0), "sampling.max_tokens"),
+        (_with("sampling", temperature=True), "sampling.temperature"),
+        (_with("sampling", top_p=1.5), "sampling.top_p"),
+        (_with("model", backend="tpu"), "model.backend"),
+        (_with("model", max_batch="8"), "model.max_batch"),
+        (_with("output", format="csv"), "output.format"),
+        (_with("input", shard_rows=0), "input.shard_rows"),
+        (_with("output", passthrough=["completion"]), "output.passthrough"),
+    ],
+)
+def test_wrong_type_or_value_names_the_field(data, field):
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        parse_config(data)
+
+
+def test_missing_section_is_named():
+    with pytest.raises(ConfigError, match="'output' is required"):
+        parse_config({"model": {"path": "m"}, "input": {"path": "x"}})
+
+
+def test_stop_accepts_one_string_or_a_list():
+    assert parse_config(_with("sampling", stop="###")).sampling.stop == ("###",)
+    assert parse_config(_with("sampling", stop=["a", "b"])).sampling.stop == ("a", "b")
+    with pytest.raises(ConfigError, match="sampling.stop"):
+        parse_config(_with("sampling", stop=[""]))
+
+
+def test_relative_paths_resolve_against_the_job_file(tmp_path: Path):
+    sub = tmp_path / "jobs"
+    sub.mkdir()
+    job = sub / "job.yaml"
+    job.write_text(yaml.safe_dump({"model": {"path": "../models/x"}, "input": {"path": "data/*.parquet"}, "output": {"path": "/abs/out"}}))
+    cfg = load_config(job)
+    assert cfg.model.path == tmp_path / "models" / "x"
+    assert cfg.input.path == str(sub / "data" / "*.parquet")
+    assert cfg.output.path == Path("/abs/out")
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path: Path):
+    p = tmp_path / "job.yaml"
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(p)
+    p.write_text("model: {path: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_every_field_is_documented():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
+    for section_name, field in JobConfig.model_fields.items():
+        model = field.annotation
+        assert f"`{section_name}`" in doc, section_name
+        for name in model.model_fields:  # type: ignore[union-attr]
+            assert f"`{section_name}.{name}`" in doc, f"{section_name}.{name} is not in docs/config.md"
+
+
+def test_cli_bad_config_exits_non_zero_with_one_line(tmp_path: Path, capsys):
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(_with("sampling", max_tokenz=3)))
+    assert main(["run", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "unknown key 'sampling.max_tokenz'" in err[0] and "did you mean 'sampling.max_tokens'" in err[0]
+
+
+def test_cli_missing_job_file(tmp_path: Path, capsys):
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "cannot read the job file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["validate", "--help"]])
+def test_help_everywhere(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "usage: upg-batch" in capsys.readouterr().out
