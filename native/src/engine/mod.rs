@@ -1,0 +1,210 @@
+//! The engine: a loaded model, its tokenizer and generation settings, a thread pool, and the
+//! continuous-batching scheduler that serves `generate`.
+
+pub mod kv_cache;
+pub mod sampler;
+pub mod scheduler;
+pub mod stats;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tokenizers::Tokenizer;
+
+use self::sampler::SamplingParams;
+use self::scheduler::{FinishReason, Output, STEP_TOKENS};
+use self::stats::Stats;
+use crate::backend::Backend;
+use crate::error::{EngineError, Result};
+use crate::model::config::{read_json_object, token_ids, ModelConfig};
+use crate::model::llama::{Llama, StepRow};
+use crate::model::weights::WeightFormat;
+
+pub struct EngineOptions {
+    pub backend: String,
+    pub weights: String,
+    pub threads: Option<usize>,
+    pub max_batch: usize,
+    pub context: Option<usize>,
+}
+
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+pub struct Engine {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub backend: Backend,
+    pub eos_token_ids: Vec<u32>,
+    pub max_batch: usize,
+    pub context: usize,
+    pub threads: usize,
+    pub stats: Stats,
+    pool: rayon::ThreadPool,
+    /// One `generate` / `logits` at a time; `stats` stays readable meanwhile.
+    run_lock: Mutex<()>,
+}
+
+impl Engine {
+    pub fn load(model_dir: &Path, opts: EngineOptions) -> Result<Self> {
+        let backend = Backend::parse(&opts.backend)?;
+        let format = WeightFormat::parse(&opts.weights).ok_or_else(|| {
+            EngineError::InvalidArgument(format!("weights {:?} is unknown (expected \"f32\", \"f16\" or \"bf16\")", opts.weights))
+        })?;
+        if opts.max_batch == 0 {
+            return Err(EngineError::InvalidArgument("max_batch must be >= 1".into()));
+        }
+        if opts.threads == Some(0) {
+            return Err(EngineError::InvalidArgument("threads must be >= 1 (or None for all cores)".into()));
+        }
+        if !model_dir.is_dir() {
+            return Err(EngineError::file(model_dir, "model folder not found"));
+        }
+        let cfg = ModelConfig::load(model_dir)?;
+        let context = match opts.context {
+            None => cfg.max_position_embeddings,
+            Some(c) if c >= 2 && c <= cfg.max_position_embeddings => c,
+            Some(c) => {
+                return Err(EngineError::InvalidArgument(format!(
+                    "context {c} must be between 2 and the model's max_position_embeddings ({})",
+                    cfg.max_position_embeddings
+                )))
+            }
+        };
+        let tokenizer = load_tokenizer(&model_dir.join("tokenizer.json"))?;
+        let eos_token_ids = load_eos(model_dir, &cfg)?;
+        let threads = opts.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("upg-engine-{i}"))
+            .build()
+            .map_err(|e| EngineError::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
+        let model = Llama::load(model_dir, cfg, format)?;
+        Ok(Engine {
+            model,
+            tokenizer,
+            backend,
+            eos_token_ids,
+            max_batch: opts.max_batch,
+            context,
+            threads,
+            stats: Stats::default(),
+            pool,
+            run_lock: Mutex::new(()),
+        })
+    }
+
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| EngineError::InvalidArgument(format!("cannot tokenize text: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn detokenize(&self, ids: &[u32]) -> Result<String> {
+        self.check_ids(ids, "detokenize")?;
+        self.tokenizer.decode(ids, true).map_err(|e| EngineError::InvalidArgument(format!("cannot detokenize: {e}")))
+    }
+
+    fn check_ids(&self, ids: &[u32], what: &str) -> Result<()> {
+        let vocab = self.model.cfg.vocab_size;
+        match ids.iter().position(|&t| t as usize >= vocab) {
+            Some(i) => Err(EngineError::InvalidArgument(format!("{what}: token id {} at position {i} is outside the vocabulary of {vocab}", ids[i]))),
+            None => Ok(()),
+        }
+    }
+
+    /// Logits (len(ids), vocab) at every position of one sequence.
+    pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.check_ids(ids, "logits")?;
+        if ids.is_empty() {
+            return Err(EngineError::InvalidArgument("logits: token_ids is empty".into()));
+        }
+        if ids.len() > self.context {
+            return Err(EngineError::PromptTooLong { index: 0, tokens: ids.len(), context: self.context });
+        }
+        let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut caches = vec![self.model.new_cache()];
+        let mut out = Vec::with_capacity(ids.len() * self.model.cfg.vocab_size);
+        self.pool.install(|| {
+            for start in (0..ids.len()).step_by(STEP_TOKENS) {
+                let end = (start + STEP_TOKENS).min(ids.len());
+                let rows: Vec<StepRow> = (start..end).map(|pos| StepRow { slot: 0, pos, token: ids[pos] }).collect();
+                let all: Vec<usize> = (0..rows.len()).collect();
+                out.extend(self.model.forward(&rows, &mut caches, &all));
+            }
+        });
+        Ok(out)
+    }
+
+    /// Tokenizes and checks every request, then runs them all with continuous batching.
+    pub fn generate(&self, prompts: Vec<Prompt>, params: Vec<SamplingParams>) -> Result<Vec<Output>> {
+        if prompts.len() != params.len() {
+            return Err(EngineError::InvalidArgument(format!("{} prompts but {} sampling params", prompts.len(), params.len())));
+        }
+        let mut ids = Vec::with_capacity(prompts.len());
+        for (i, (prompt, p)) in prompts.into_iter().zip(&params).enumerate() {
+            p.validate(i)?;
+            let t = match prompt {
+                Prompt::Text(text) => self.tokenize(&text)?,
+                Prompt::Ids(t) => t,
+            };
+            self.check_ids(&t, &format!("prompt {i}"))?;
+            if t.is_empty() {
+                return Err(EngineError::InvalidArgument(format!("prompt {i} is empty (no tokens)")));
+            }
+            if t.len() >= self.context {
+                return Err(EngineError::PromptTooLong { index: i, tokens: t.len(), context: self.context });
+            }
+            ids.push(t);
+        }
+        let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(self.pool.install(|| scheduler::run(self, ids, params)))
+    }
+
+    /// Whether a sequence that just produced `generated` is done, and if so its text and why.
+    pub fn check_finished(&self, generated: &[u32], prompt_len: usize, p: &SamplingParams) -> Option<(String, FinishReason)> {
+        let last = *generated.last()?;
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids, true).unwrap_or_default();
+        if p.stop_token_ids.contains(&last) || (!p.ignore_eos && self.eos_token_ids.contains(&last)) {
+            return Some((decode(&generated[..generated.len() - 1]), FinishReason::Stop));
+        }
+        if !p.stop.is_empty() {
+            let text = decode(generated);
+            if let Some(cut) = p.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                return Some((text[..cut].to_string(), FinishReason::Stop));
+            }
+        }
+        if generated.len() >= p.max_tokens || prompt_len + generated.len() >= self.context {
+            return Some((decode(generated), FinishReason::Length));
+        }
+        None
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.model.weight_bytes() as u64 + Stats::get(&self.stats.kv_cache_bytes)
+    }
+}
+
+fn load_tokenizer(path: &PathBuf) -> Result<Tokenizer> {
+    if !path.is_file() {
+        return Err(EngineError::Tokenizer { path: path.clone(), message: "missing".into() });
+    }
+    Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer { path: path.clone(), message: format!("cannot parse: {e}") })
+}
+
+/// EOS ids from generation_config.json (a single id or a list), else from config.json.
+fn load_eos(model_dir: &Path, cfg: &ModelConfig) -> Result<Vec<u32>> {
+    let path = model_dir.join("generation_config.json");
+    if path.is_file() {
+        let obj = read_json_object(&path)?;
+        let ids = token_ids(&path, "eos_token_id", obj.get("eos_token_id"))?;
+        if !ids.is_empty() {
+            return Ok(ids);
+        }
+    }
+    Ok(cfg.eos_token_ids.clone())
+}

@@ -1,0 +1,168 @@
+//! Continuous batching. Up to `max_batch` sequences are in flight; every step runs one row per
+//! decoding sequence plus prompt chunks of prefilling ones through the model as a single
+//! batch, samples where a sequence's last token was processed, retires finished sequences
+//! and admits waiting ones into their slots.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::kv_cache::SeqCache;
+use super::sampler::{Sampler, SamplingParams};
+use super::stats::Stats;
+use super::Engine;
+use crate::model::llama::StepRow;
+
+/// Tokens per step at most (decode rows first, then prompt chunks): bounds activation memory.
+pub const STEP_TOKENS: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+pub struct Output {
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub ttft_s: f64,
+    pub latency_s: f64,
+}
+
+struct Sequence {
+    index: usize,
+    slot: usize,
+    /// Prompt followed by generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Tokens whose keys and values are in the cache.
+    processed: usize,
+    params: SamplingParams,
+    sampler: Sampler,
+    first_token: Option<Instant>,
+}
+
+impl Sequence {
+    fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+}
+
+/// Runs every request to completion; outputs in request order.
+pub fn run(engine: &Engine, prompts: Vec<Vec<u32>>, params: Vec<SamplingParams>) -> Vec<Output> {
+    let start = Instant::now();
+    let n = prompts.len();
+    let mut outputs: Vec<Option<Output>> = (0..n).map(|_| None).collect();
+    let mut waiting: VecDeque<(usize, Vec<u32>, SamplingParams)> =
+        prompts.into_iter().zip(params).enumerate().map(|(i, (p, s))| (i, p, s)).collect();
+    let max_batch = engine.max_batch;
+    let mut caches: Vec<SeqCache> = (0..max_batch.min(n)).map(|_| engine.model.new_cache()).collect();
+    let mut free_slots: Vec<usize> = (0..caches.len()).rev().collect();
+    let mut running: Vec<Sequence> = Vec::new();
+    let stats = &engine.stats;
+
+    loop {
+        while let (Some(slot), false) = (free_slots.last().copied(), waiting.is_empty()) {
+            free_slots.pop();
+            let (index, prompt, params) = waiting.pop_front().unwrap();
+            let sampler = Sampler::new(params.seed);
+            let prompt_len = prompt.len();
+            running.push(Sequence { index, slot, tokens: prompt, prompt_len, processed: 0, params, sampler, first_token: None });
+        }
+        Stats::set(&stats.running_sequences, running.len());
+        Stats::set(&stats.waiting_sequences, waiting.len());
+        if running.is_empty() {
+            break;
+        }
+
+        let step = plan_step(&running);
+        let logits = engine.model.forward(&step.rows, &mut caches, &step.logit_rows);
+        let mut prompt_tokens = 0;
+        for &(s, take) in &step.takes {
+            let seq = &mut running[s];
+            prompt_tokens += (seq.processed + take).min(seq.prompt_len).saturating_sub(seq.processed);
+            seq.processed += take;
+        }
+        Stats::add(&stats.prompt_tokens_total, prompt_tokens);
+        Stats::add(&stats.steps_total, 1);
+
+        let vocab = engine.model.cfg.vocab_size;
+        let mut finished = Vec::new();
+        for (j, &s) in step.samplers.iter().enumerate() {
+            let seq = &mut running[s];
+            let token = seq.sampler.sample(&logits[j * vocab..(j + 1) * vocab], &seq.params);
+            seq.tokens.push(token);
+            seq.first_token.get_or_insert_with(Instant::now);
+            Stats::add(&stats.generation_tokens_total, 1);
+            if let Some(out) = engine.check_finished(seq.generated(), seq.prompt_len, &seq.params) {
+                finished.push((s, out));
+            }
+        }
+        // Retire finished sequences (highest index first so swap_remove keeps the others valid).
+        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        for (s, (text, reason)) in finished {
+            let seq = running.swap_remove(s);
+            let now = Instant::now();
+            outputs[seq.index] = Some(Output {
+                token_ids: seq.generated().to_vec(),
+                text,
+                finish_reason: reason,
+                prompt_tokens: seq.prompt_len,
+                ttft_s: seq.first_token.map_or(0.0, |t| (t - start).as_secs_f64()),
+                latency_s: (now - start).as_secs_f64(),
+            });
+            caches[seq.slot].reset();
+            free_slots.push(seq.slot);
+        }
+        Stats::set(&stats.kv_cache_tokens, running.iter().map(|s| s.processed).sum());
+        Stats::set(&stats.kv_cache_bytes, caches.iter().map(|c| c.bytes()).sum());
+    }
+    Stats::set(&stats.running_sequences, 0);
+    Stats::set(&stats.kv_cache_tokens, 0);
+    outputs.into_iter().map(|o| o.expect("every request finishes")).collect()
+}
+
+struct Step {
+    rows: Vec<StepRow>,
+    /// Rows whose logits are needed: the last token of a sequence.
+    logit_rows: Vec<usize>,
+    /// For each logit row, the index of its sequence in `running`.
+    samplers: Vec<usize>,
+    /// (index in `running`, rows it has in this step).
+    takes: Vec<(usize, usize)>,
+}
+
+/// Rows of the next step: one per decoding sequence, then prompt chunks while the token
+/// budget lasts.
+fn plan_step(running: &[Sequence]) -> Step {
+    let mut step = Step { rows: vec![], logit_rows: vec![], samplers: vec![], takes: vec![] };
+    let budget = STEP_TOKENS.max(running.len());
+    let decoding = running.iter().enumerate().filter(|(_, s)| s.processed >= s.prompt_len);
+    let prefilling = running.iter().enumerate().filter(|(_, s)| s.processed < s.prompt_len);
+    for (i, s) in decoding.chain(prefilling) {
+        let todo = s.tokens.len() - s.processed;
+        let take = todo.min(budget - step.rows.len());
+        if take == 0 {
+            break;
+        }
+        for pos in s.processed..s.processed + take {
+            step.rows.push(StepRow { slot: s.slot, pos, token: s.tokens[pos] });
+        }
+        step.takes.push((i, take));
+        if take == todo {
+            step.logit_rows.push(step.rows.len() - 1);
+            step.samplers.push(i);
+        }
+    }
+    step
+}

@@ -1,0 +1,157 @@
+//! upg-batch's native engine. This file holds the Python bindings only: values in, values
+//! out, the GIL released while the engine computes, and every engine error turned into
+//! `upg_batch.EngineError` here and nowhere else.
+
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod model;
+
+use std::path::PathBuf;
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use engine::sampler::SamplingParams;
+use engine::stats::Stats;
+use engine::{Engine, EngineOptions, Prompt};
+
+create_exception!(_native, EngineError, PyException, "An error of the native engine: bad model files, bad input, an unavailable backend.");
+
+fn to_py(e: error::EngineError) -> PyErr {
+    EngineError::new_err(e.to_string())
+}
+
+/// (max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)
+type NativeParams = (usize, f32, usize, f32, f32, Option<u64>, Vec<String>, Vec<u32>, bool);
+/// (token_ids, text, finish_reason, prompt_tokens, ttft_s, latency_s)
+type NativeOutput = (Vec<u32>, String, &'static str, usize, f64, f64);
+
+#[derive(FromPyObject)]
+enum PyPrompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+#[pyclass(frozen, module = "upg_batch._native")]
+struct NativeEngine {
+    inner: Engine,
+}
+
+#[pymethods]
+impl NativeEngine {
+    #[new]
+    #[pyo3(signature = (model_dir, backend, weights, threads, max_batch, context))]
+    fn new(
+        py: Python<'_>,
+        model_dir: PathBuf,
+        backend: String,
+        weights: String,
+        threads: Option<usize>,
+        max_batch: usize,
+        context: Option<usize>,
+    ) -> PyResult<Self> {
+        let opts = EngineOptions { backend, weights, threads, max_batch, context };
+        let inner = py.allow_threads(|| Engine::load(&model_dir, opts)).map_err(to_py)?;
+        Ok(NativeEngine { inner })
+    }
+
+    fn tokenize(&self, py: Python<'_>, text: String) -> PyResult<Vec<u32>> {
+        py.allow_threads(|| self.inner.tokenize(&text)).map_err(to_py)
+    }
+
+    fn detokenize(&self, py: Python<'_>, ids: Vec<u32>) -> PyResult<String> {
+        py.allow_threads(|| self.inner.detokenize(&ids)).map_err(to_py)
+    }
+
+    /// (float32 bytes, rows, vocab)
+    fn logits<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<(Bound<'py, PyBytes>, usize, usize)> {
+        let values = py.allow_threads(|| self.inner.logits(&ids)).map_err(to_py)?;
+        let bytes: &[u8] = bytemuck::cast_slice(&values);
+        Ok((PyBytes::new(py, bytes), ids.len(), self.inner.model.cfg.vocab_size))
+    }
+
+    fn generate(&self, py: Python<'_>, prompts: Vec<PyPrompt>, params: Vec<NativeParams>) -> PyResult<Vec<NativeOutput>> {
+        let prompts = prompts
+            .into_iter()
+            .map(|p| match p {
+                PyPrompt::Text(t) => Prompt::Text(t),
+                PyPrompt::Ids(ids) => Prompt::Ids(ids),
+            })
+            .collect();
+        let params = params
+            .into_iter()
+            .map(|(max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)| SamplingParams {
+                max_tokens,
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                seed,
+                stop,
+                stop_token_ids,
+                ignore_eos,
+            })
+            .collect();
+        let outputs = py.allow_threads(|| self.inner.generate(prompts, params)).map_err(to_py)?;
+        Ok(outputs
+            .into_iter()
+            .map(|o| (o.token_ids, o.text, o.finish_reason.as_str(), o.prompt_tokens, o.ttft_s, o.latency_s))
+            .collect())
+    }
+
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let e = &self.inner;
+        let c = &e.model.cfg;
+        let d = PyDict::new(py);
+        d.set_item("architecture", c.architecture.hf_name())?;
+        d.set_item("parameters", e.model.parameter_count())?;
+        d.set_item("layers", c.num_hidden_layers)?;
+        d.set_item("hidden_size", c.hidden_size)?;
+        d.set_item("heads", c.num_attention_heads)?;
+        d.set_item("kv_heads", c.num_key_value_heads)?;
+        d.set_item("head_dim", c.head_dim)?;
+        d.set_item("intermediate_size", c.intermediate_size)?;
+        d.set_item("vocab", c.vocab_size)?;
+        d.set_item("context", e.context)?;
+        d.set_item("max_position_embeddings", c.max_position_embeddings)?;
+        d.set_item("backend", e.backend.name())?;
+        d.set_item("weights", e.model.format.name())?;
+        d.set_item("weight_bytes", e.model.weight_bytes())?;
+        d.set_item("stored_dtype", c.stored_dtype.clone())?;
+        d.set_item("max_batch", e.max_batch)?;
+        d.set_item("threads", e.threads)?;
+        d.set_item("eos_token_ids", e.eos_token_ids.clone())?;
+        d.set_item("bos_token_id", c.bos_token_id)?;
+        d.set_item("simd", backend::cpu::matmul::simd_name())?;
+        Ok(d)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let e = &self.inner;
+        let s = &e.stats;
+        let d = PyDict::new(py);
+        let capacity = (e.max_batch * e.context) as u64;
+        let kv_tokens = Stats::get(&s.kv_cache_tokens);
+        d.set_item("prompt_tokens_total", Stats::get(&s.prompt_tokens_total))?;
+        d.set_item("generation_tokens_total", Stats::get(&s.generation_tokens_total))?;
+        d.set_item("steps_total", Stats::get(&s.steps_total))?;
+        d.set_item("running_sequences", Stats::get(&s.running_sequences))?;
+        d.set_item("waiting_sequences", Stats::get(&s.waiting_sequences))?;
+        d.set_item("max_batch", e.max_batch)?;
+        d.set_item("kv_cache_tokens", kv_tokens)?;
+        d.set_item("kv_cache_capacity_tokens", capacity)?;
+        d.set_item("kv_cache_usage_ratio", kv_tokens as f64 / capacity as f64)?;
+        d.set_item("memory_bytes", e.memory_bytes())?;
+        Ok(d)
+    }
+}
+
+#[pymodule(name = "_native")]
+fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("EngineError", m.py().get_type::<EngineError>())?;
+    m.add_class::<NativeEngine>()?;
+    Ok(())
+}

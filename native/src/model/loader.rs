@@ -1,0 +1,159 @@
+//! Reads safetensors checkpoints (one file or shards listed in
+//! `model.safetensors.index.json`) as untrusted input: every header, offset, dtype and shape
+//! is checked before a byte of tensor data is used. Pickle checkpoints are refused.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, SafeTensors};
+use serde_json::Value;
+
+use super::config::read_json_object;
+use super::weights::{Matrix, WeightFormat};
+use crate::error::{EngineError, Result};
+
+struct TensorEntry {
+    file: usize,
+    dtype: WeightFormat,
+    shape: Vec<usize>,
+    /// Absolute byte range in the mapped file.
+    start: usize,
+    end: usize,
+}
+
+/// All tensors of a checkpoint, mapped but not yet read.
+pub struct Checkpoint {
+    paths: Vec<PathBuf>,
+    maps: Vec<Arc<Mmap>>,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+const PICKLE_NAMES: [&str; 4] = ["pytorch_model.bin", "model.bin", "model.pt", "model.pth"];
+
+impl Checkpoint {
+    pub fn open(model_dir: &Path) -> Result<Self> {
+        let index = model_dir.join("model.safetensors.index.json");
+        let single = model_dir.join("model.safetensors");
+        let paths = if index.is_file() {
+            shard_paths(&index)?
+        } else if single.is_file() {
+            vec![single]
+        } else if let Some(pickle) = PICKLE_NAMES.iter().map(|n| model_dir.join(n)).find(|p| p.is_file()) {
+            return Err(EngineError::file(pickle, "pickle checkpoints are refused (they can run code); convert the model to safetensors"));
+        } else {
+            return Err(EngineError::file(model_dir, "no model.safetensors or model.safetensors.index.json in the model folder"));
+        };
+        let mut ckpt = Checkpoint { paths: vec![], maps: vec![], tensors: HashMap::new() };
+        for path in paths {
+            ckpt.add_file(path)?;
+        }
+        Ok(ckpt)
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<()> {
+        let file = File::open(&path).map_err(|e| EngineError::file(&path, format!("cannot open: {e}")))?;
+        // SAFETY: the file is mapped read-only; a checkpoint modified while the engine runs
+        // is outside what any engine can defend against.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::file(&path, format!("cannot map: {e}")))?;
+        if looks_like_pickle(&map) {
+            return Err(EngineError::file(&path, "this is a pickle/PyTorch checkpoint, not safetensors; pickle formats are refused"));
+        }
+        let (header_len, metadata) = SafeTensors::read_metadata(&map)
+            .map_err(|e| EngineError::file(&path, format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
+        let data_start = 8 + header_len;
+        let file_index = self.maps.len();
+        for (name, info) in metadata.tensors() {
+            let dtype = match info.dtype {
+                Dtype::F32 => WeightFormat::F32,
+                Dtype::F16 => WeightFormat::F16,
+                Dtype::BF16 => WeightFormat::Bf16,
+                other => {
+                    return Err(EngineError::tensor(&path, name, format!("dtype {other:?} is not supported (F32, F16, BF16)")))
+                }
+            };
+            let (s, e) = info.data_offsets;
+            let entry = TensorEntry { file: file_index, dtype, shape: info.shape.clone(), start: data_start + s, end: data_start + e };
+            if self.tensors.insert(name.clone(), entry).is_some() {
+                return Err(EngineError::tensor(&path, name, "appears in more than one file"));
+            }
+        }
+        self.paths.push(path);
+        self.maps.push(Arc::new(map));
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&TensorEntry> {
+        let entry = self.tensors.get(name).ok_or_else(|| {
+            let files: Vec<String> = self.paths.iter().map(|p| p.display().to_string()).collect();
+            EngineError::tensor(files.join(", "), name, "missing from the checkpoint")
+        })?;
+        if entry.shape != shape {
+            return Err(EngineError::tensor(
+                &self.paths[entry.file],
+                name,
+                format!("shape {:?} does not match config.json, which implies {:?}", entry.shape, shape),
+            ));
+        }
+        Ok(entry)
+    }
+
+    /// Weight matrix `name` of shape (rows, cols) in `format`: a zero-copy view when the
+    /// file already holds that dtype at a suitable alignment, a converted copy otherwise.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize, format: WeightFormat) -> Result<Matrix> {
+        let entry = self.entry(name, &[rows, cols])?;
+        let map = &self.maps[entry.file];
+        let aligned = (map.as_ptr() as usize + entry.start) % format.bytes_per_element() == 0;
+        if entry.dtype == format && aligned {
+            return Ok(Matrix::mapped(rows, cols, format, map.clone(), entry.start));
+        }
+        Ok(Matrix::from_f32(rows, cols, format, self.read_f32(entry)))
+    }
+
+    /// A 1-D tensor (norm weight, bias) as f32.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        Ok(self.read_f32(self.entry(name, &[len])?))
+    }
+
+    fn read_f32(&self, entry: &TensorEntry) -> Vec<f32> {
+        let bytes = &self.maps[entry.file][entry.start..entry.end];
+        // Read element by element from bytes: the data may sit at any alignment.
+        match entry.dtype {
+            WeightFormat::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            WeightFormat::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            WeightFormat::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        }
+    }
+}
+
+fn looks_like_pickle(bytes: &[u8]) -> bool {
+    // Pickle protocol 2+ starts with 0x80 <proto>; torch.save writes a zip archive.
+    matches!(bytes, [0x80, 2..=5, ..]) || bytes.starts_with(b"PK\x03\x04")
+}
+
+fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
+    let obj = read_json_object(index)?;
+    let Some(Value::Object(map)) = obj.get("weight_map") else {
+        return Err(EngineError::field(index, "weight_map", "missing or not an object"));
+    };
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files = BTreeSet::new();
+    for (tensor, file) in map {
+        let name = file.as_str().ok_or_else(|| EngineError::field(index, format!("weight_map.{tensor}"), "expected a file name"))?;
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(EngineError::field(index, format!("weight_map.{tensor}"), format!("{name:?} is not a plain file name")));
+        }
+        files.insert(name.to_string());
+    }
+    if files.is_empty() {
+        return Err(EngineError::field(index, "weight_map", "is empty"));
+    }
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}

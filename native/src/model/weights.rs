@@ -1,0 +1,144 @@
+//! How weight matrices are held in memory. A matrix is either a zero-copy view into a
+//! memory-mapped safetensors file (when the stored dtype is the requested one) or an owned,
+//! converted copy. Kernels read it through `WeightView`; compressed formats slot in as new
+//! variants of `WeightFormat` / `WeightView`.
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+
+/// The in-memory format of weight matrices (`weights=` option). Arithmetic is always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl WeightFormat {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "f32" | "float32" => Some(WeightFormat::F32),
+            "f16" | "float16" => Some(WeightFormat::F16),
+            "bf16" | "bfloat16" => Some(WeightFormat::Bf16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::F16 => "f16",
+            WeightFormat::Bf16 => "bf16",
+        }
+    }
+
+    pub fn bytes_per_element(self) -> usize {
+        match self {
+            WeightFormat::F32 => 4,
+            WeightFormat::F16 | WeightFormat::Bf16 => 2,
+        }
+    }
+}
+
+/// Borrowed weights, row-major.
+#[derive(Clone, Copy)]
+pub enum WeightView<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+impl WeightView<'_> {
+    /// Element `i` as f32.
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            WeightView::F32(d) => d[i],
+            WeightView::F16(d) => d[i].to_f32(),
+            WeightView::Bf16(d) => d[i].to_f32(),
+        }
+    }
+
+    /// Elements `start..start + out.len()` converted into `out`.
+    pub fn copy_to_f32(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        match self {
+            WeightView::F32(d) => out.copy_from_slice(&d[start..end]),
+            WeightView::F16(d) => {
+                use half::slice::HalfFloatSliceExt;
+                d[start..end].convert_to_f32_slice(out)
+            }
+            WeightView::Bf16(d) => {
+                use half::slice::HalfFloatSliceExt;
+                d[start..end].convert_to_f32_slice(out)
+            }
+        }
+    }
+}
+
+enum Storage {
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+}
+
+/// A weight matrix W (rows, cols), row-major: a Linear layer's `weight` is (out, in).
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub format: WeightFormat,
+    storage: Storage,
+}
+
+impl Matrix {
+    /// A view into a mapped file; the caller has checked bounds, size and alignment.
+    pub fn mapped(rows: usize, cols: usize, format: WeightFormat, map: Arc<Mmap>, offset: usize) -> Self {
+        let len = rows * cols * format.bytes_per_element();
+        debug_assert!(offset + len <= map.len());
+        debug_assert_eq!((map.as_ptr() as usize + offset) % format.bytes_per_element(), 0);
+        Matrix { rows, cols, format, storage: Storage::Mapped { map, offset, len } }
+    }
+
+    /// An owned matrix in `format`, converted from f32 values.
+    pub fn from_f32(rows: usize, cols: usize, format: WeightFormat, values: Vec<f32>) -> Self {
+        assert_eq!(values.len(), rows * cols);
+        let storage = match format {
+            WeightFormat::F32 => Storage::F32(values),
+            WeightFormat::F16 => Storage::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
+            WeightFormat::Bf16 => Storage::Bf16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
+        };
+        Matrix { rows, cols, format, storage }
+    }
+
+    pub fn view(&self) -> WeightView<'_> {
+        match &self.storage {
+            Storage::Mapped { map, offset, len } => {
+                let bytes = &map[*offset..*offset + *len];
+                match self.format {
+                    WeightFormat::F32 => WeightView::F32(bytemuck::cast_slice(bytes)),
+                    WeightFormat::F16 => WeightView::F16(bytemuck::cast_slice(bytes)),
+                    WeightFormat::Bf16 => WeightView::Bf16(bytemuck::cast_slice(bytes)),
+                }
+            }
+            Storage::F32(v) => WeightView::F32(v),
+            Storage::F16(v) => WeightView::F16(v),
+            Storage::Bf16(v) => WeightView::Bf16(v),
+        }
+    }
+
+    pub fn byte_size(&self) -> usize {
+        self.rows * self.cols * self.format.bytes_per_element()
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped { .. })
+    }
+
+    /// Row `r` converted to f32 into `out` (len cols): an embedding lookup.
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        self.view().copy_to_f32(r * self.cols, out)
+    }
+}
