@@ -1,0 +1,182 @@
+"""Whole jobs on one local Ray node: exactly once, resume, bad rows, seeds, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from conftest import MSG_TYPE, output_files, read_output, write_job, write_prompts
+
+from upg_batch.cli import main
+from upg_batch.commit import MANIFEST, SUCCESS
+from upg_batch.config import OUTPUT_COLUMNS, load_config
+from upg_batch.runner import Runner
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def _run(job: Path, **kw):
+    return Runner(load_config(job), **kw).run()
+
+
+def _committed(out: Path) -> int:
+    try:
+        return len(json.loads((out / MANIFEST).read_text())["shards"])
+    except (OSError, ValueError):
+        return 0
+
+
+def test_job_commits_every_row_exactly_once_and_resumes_as_a_no_op(tmp_path: Path):
+    data = tmp_path / "data"
+    write_prompts(data / "a.parquet", 20, start=0, row_group_size=6, label=pa.array([f"L{i}" for i in range(20)]))
+    write_prompts(data / "b.parquet", 13, start=20, label=pa.array([f"L{i}" for i in range(20, 33)]))
+    out = tmp_path / "out"
+    job = write_job(tmp_path, data, out, output={"passthrough": ["label"]})
+    summary = _run(job)
+    table = read_output(out)
+    assert table.column_names == [*OUTPUT_COLUMNS, "label"]
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == list(range(33))
+    rows = {r["id"]: r for r in table.to_pylist()}
+    for i, r in rows.items():
+        assert r["error"] is None and r["completion"] is not None
+        assert r["finish_reason"] in ("stop", "length")
+        assert 1 <= r["completion_tokens"] <= 6 and r["prompt_tokens"] > 0
+        assert r["label"] == f"L{i}"
+    assert summary["rows_ok"] == 33 and summary["rows_error"] == 0
+    assert summary["shards_total"] == 5 and summary["shards_run"] == 5
+    assert summary["completion_tokens"] == sum(r["completion_tokens"] for r in rows.values())
+    [(node, share)] = summary["nodes"].items()
+    assert share["rows"] == 33 and share["share"] == 1.0
+    assert (out / SUCCESS).exists() and json.loads((out / MANIFEST).read_text())["complete"]
+
+    before = {n: (out / n).read_bytes() for n in output_files(out) if n.startswith("part-")}
+    again = _run(job)
+    assert again["shards_skipped"] == 5 and again["shards_run"] == 0
+    assert {n: (out / n).read_bytes() for n in output_files(out) if n.startswith("part-")} == before
+
+
+def test_every_bad_row_kind_becomes_an_error_row(tmp_path: Path):
+    long_prompt = "lorem ipsum dolor sit amet " * 60
+    prompts = ["fine one", None, "", long_prompt, None, None, "bad override", "fine two", None]
+    messages = [None, None, None, None,
+                [{"role": "user", "content": "chat ok"}],
+                [{"role": "user", "content": None}],  # content must be a string
+                None, None,
+                [{"role": "robot", "content": "x"}]]  # the template raises on unknown roles
+    max_tokens = [None, None, None, None, None, None, 0, 3, None]
+    f = tmp_path / "bad.parquet"
+    write_prompts(f, 9, prompt=pa.array(prompts, pa.string()), messages=pa.array(messages, MSG_TYPE), max_tokens=pa.array(max_tokens, pa.int64()))
+    out = tmp_path / "out"
+    job = write_job(tmp_path, f, out, model={"context": 64}, input={"shard_rows": 9})
+    summary = _run(job)
+    rows = {r["id"]: r for r in read_output(out).to_pylist()}
+    assert sorted(rows) == list(range(9))
+    expect_error = {1: "prompt is null", 2: "prompt is empty", 3: "the context holds 64", 5: "content must be a string",
+                    6: "max_tokens", 8: "unknown role: robot"}
+    for i, r in rows.items():
+        if i in expect_error:
+            assert r["finish_reason"] == "error" and r["completion"] is None, r
+            assert expect_error[i] in r["error"], r
+        else:
+            assert r["error"] is None and r["finish_reason"] in ("stop", "length"), r
+    assert rows[7]["completion_tokens"] <= 3  # the per-row override applied
+    assert rows[3]["prompt_tokens"] > 64
+    assert summary["rows_ok"] == 3 and summary["rows_error"] == 6
+
+
+def test_seeded_sampling_does_not_depend_on_sharding(tmp_path: Path):
+    f = write_prompts(tmp_path / "d.parquet", 12)
+    results = []
+    for shard_rows in (3, 12):
+        out = tmp_path / f"out{shard_rows}"
+        job = write_job(tmp_path, f, out, input={"shard_rows": shard_rows}, sampling={"temperature": 1.0, "seed": 1234, "max_tokens": 8})
+        _run(job)
+        results.append({r["id"]: r["completion"] for r in read_output(out).to_pylist()})
+    assert results[0] == results[1]
+
+
+def test_a_shard_that_keeps_killing_its_actor_ends_as_error_rows(tmp_path: Path, monkeypatch):
+    f = write_prompts(tmp_path / "d.parquet", 24)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, f, out, cluster={"max_attempts": 2, "max_actor_restarts": 3})
+    monkeypatch.setenv("UPG_BATCH_TEST_CRASH", "1")  # shard 1 (rows 8..15) exits its actor, every attempt
+    summary = _run(job)
+    rows = {r["id"]: r for r in read_output(out).to_pylist()}
+    assert sorted(rows) == list(range(24))
+    for i, r in rows.items():
+        if 8 <= i < 16:
+            assert r["finish_reason"] == "error" and "failed 2 times" in r["error"] and "died" in r["error"], r
+        else:
+            assert r["error"] is None, r
+    assert summary["shards_failed"] == 1 and summary["actor_restarts"] == 2
+    assert summary["rows_error"] == 8 and summary["rows_ok"] == 16
+
+
+def _engine_actor_pids() -> list[int]:
+    pids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(b"ray::EngineActor"):
+                pids.append(int(p))
+    return pids
+
+
+def test_an_actor_killed_mid_job_loses_no_row(tmp_path: Path, monkeypatch):
+    f = write_prompts(tmp_path / "d.parquet", 48)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, f, out)
+    monkeypatch.setenv("UPG_BATCH_TEST_SHARD_DELAY_S", "0.7")  # 6 shards of >= 0.7 s each
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(_run(job)))
+    t.start()
+    try:
+        deadline = time.monotonic() + 120
+        while _committed(out) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _committed(out) >= 2
+        pids = _engine_actor_pids()
+        assert len(pids) == 1
+        os.kill(pids[0], signal.SIGKILL)
+    finally:
+        t.join(timeout=300)
+    assert result["actor_restarts"] == 1 and result["shards_failed"] == 0
+    ids = read_output(out).column("id").to_pylist()
+    assert sorted(ids) == list(range(48))
+    assert read_output(out).column("error").null_count == 48
+
+
+def test_changed_job_refuses_the_folder_unless_overwrite(tmp_path: Path, capsys):
+    f = write_prompts(tmp_path / "d.parquet", 5)
+    out = tmp_path / "out"
+    assert main(["run", str(write_job(tmp_path, f, out))]) == 0
+    changed = write_job(tmp_path, f, out, sampling={"max_tokens": 3})
+    capsys.readouterr()
+    assert main(["run", str(changed)]) == 2
+    err = capsys.readouterr().err
+    assert "different job (its config differs)" in err and "--overwrite" in err
+    assert main(["run", "--overwrite", "--json", str(changed)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows_ok"] == 5
+    assert max(read_output(out).column("completion_tokens").to_pylist()) <= 3
+
+
+def test_validate_counts_rows_and_reports_too_long_ones(tmp_path: Path, capsys):
+    f = write_prompts(tmp_path / "d.parquet", 4, prompt=pa.array(["ok", "x " * 200, "", "fine"], pa.string()))
+    job = write_job(tmp_path, f, tmp_path / "out", model={"context": 64})
+    assert main(["validate", "--json", str(job)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"] == 4 and report["files"] == 1
+    assert report["too_long"] == 1 and report["error_rows"] == 2
+    assert report["error_kinds"] == {"empty": 1, "too_long": 1}
+    assert not (tmp_path / "out").exists()  # validate writes nothing
