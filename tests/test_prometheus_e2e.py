@@ -190,9 +190,9 @@ def check_dashboard(prom: Prometheus) -> tuple[list[str], dict[str, list[str]]]:
 # -- the job ------------------------------------------------------------------------------
 # Sized so the job runs ~20-40 s on two CPU cores: long shards, so progress must show while
 # a shard runs, not only when it ends.
-ROWS = 240
-SHARD_ROWS = 40
-MAX_TOKENS = 200
+ROWS = 1200
+SHARD_ROWS = 100
+MAX_TOKENS = 400
 RATE = GRAFANA_BUILTINS["__rate_interval"]
 
 
