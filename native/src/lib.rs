@@ -149,9 +149,18 @@ impl NativeEngine {
     }
 }
 
+/// Memory read bandwidth of this machine in bytes/s: the best of `repeats` parallel reads
+/// of a `bytes`-sized buffer on `threads` threads (for benchmarks' ceilings).
+#[pyfunction]
+#[pyo3(signature = (bytes = 1 << 30, threads = 1, repeats = 5))]
+fn measure_read_bandwidth(py: Python<'_>, bytes: usize, threads: usize, repeats: usize) -> f64 {
+    py.allow_threads(|| backend::cpu::membench::read_bandwidth(bytes, threads, repeats))
+}
+
 #[pymodule(name = "_native")]
 fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add_class::<NativeEngine>()?;
+    m.add_function(wrap_pyfunction!(measure_read_bandwidth, m)?)?;
     Ok(())
 }

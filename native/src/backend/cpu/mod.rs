@@ -2,5 +2,6 @@
 //! Rust elsewhere) and row-wise kernels, multi-threaded with rayon.
 
 pub mod attention;
+pub mod membench;
 pub mod matmul;
 pub mod ops;
