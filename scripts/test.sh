@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The project's test command: on a fresh machine it installs everything the tests need
+# (system packages, the Python package with its native engine built from source, test
+# dependencies), then runs the Rust unit tests and the Python test suite (pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-test-deps.sh
+python3 -m pip install --quiet --editable ".[test]"
+
+(cd native && cargo test --release --quiet)
+
+status=0
+python3 -m pytest -q "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+    echo "pytest collected no tests: treating that as a failure" >&2
+    exit 1
+fi
+exit "$status"
