@@ -244,21 +244,22 @@ mod avx2 {
     tile_kernel!(tile_f16, f16, load_f16);
     tile_kernel!(tile_bf16, bf16, load_bf16);
 
+    /// Calls `$kernel::<R, B>(args...)` for a run-time tile shape (R <= 4, B <= 3).
     macro_rules! dispatch {
-        ($kernel:ident, $w:expr, $cols:expr, $x:expr, $out:expr, $ldo:expr, $nr:expr, $nb:expr) => {
+        ($kernel:ident, $nr:expr, $nb:expr, $($arg:expr),*) => {
             match ($nr, $nb) {
-                (4, 3) => $kernel::<4, 3>($w, $cols, $x, $out, $ldo),
-                (4, 2) => $kernel::<4, 2>($w, $cols, $x, $out, $ldo),
-                (4, 1) => $kernel::<4, 1>($w, $cols, $x, $out, $ldo),
-                (3, 3) => $kernel::<3, 3>($w, $cols, $x, $out, $ldo),
-                (3, 2) => $kernel::<3, 2>($w, $cols, $x, $out, $ldo),
-                (3, 1) => $kernel::<3, 1>($w, $cols, $x, $out, $ldo),
-                (2, 3) => $kernel::<2, 3>($w, $cols, $x, $out, $ldo),
-                (2, 2) => $kernel::<2, 2>($w, $cols, $x, $out, $ldo),
-                (2, 1) => $kernel::<2, 1>($w, $cols, $x, $out, $ldo),
-                (1, 3) => $kernel::<1, 3>($w, $cols, $x, $out, $ldo),
-                (1, 2) => $kernel::<1, 2>($w, $cols, $x, $out, $ldo),
-                (1, 1) => $kernel::<1, 1>($w, $cols, $x, $out, $ldo),
+                (4, 3) => $kernel::<4, 3>($($arg),*),
+                (4, 2) => $kernel::<4, 2>($($arg),*),
+                (4, 1) => $kernel::<4, 1>($($arg),*),
+                (3, 3) => $kernel::<3, 3>($($arg),*),
+                (3, 2) => $kernel::<3, 2>($($arg),*),
+                (3, 1) => $kernel::<3, 1>($($arg),*),
+                (2, 3) => $kernel::<2, 3>($($arg),*),
+                (2, 2) => $kernel::<2, 2>($($arg),*),
+                (2, 1) => $kernel::<2, 1>($($arg),*),
+                (1, 3) => $kernel::<1, 3>($($arg),*),
+                (1, 2) => $kernel::<1, 2>($($arg),*),
+                (1, 1) => $kernel::<1, 1>($($arg),*),
                 _ => unreachable!("tile {}x{} out of range", $nr, $nb),
             }
         };
@@ -289,21 +290,7 @@ mod avx2 {
                     let nb = (batch - b).min(3);
                     let a = acc.as_mut_ptr().add(4 * t * batch + b);
                     let xb = x.add(b * cols + k0);
-                    match (nr, nb) {
-                        (4, 3) => packed_tile::<4, 3>(packed.as_ptr(), xb, cols, kc, a, batch),
-                        (4, 2) => packed_tile::<4, 2>(packed.as_ptr(), xb, cols, kc, a, batch),
-                        (4, 1) => packed_tile::<4, 1>(packed.as_ptr(), xb, cols, kc, a, batch),
-                        (3, 3) => packed_tile::<3, 3>(packed.as_ptr(), xb, cols, kc, a, batch),
-                        (3, 2) => packed_tile::<3, 2>(packed.as_ptr(), xb, cols, kc, a, batch),
-                        (3, 1) => packed_tile::<3, 1>(packed.as_ptr(), xb, cols, kc, a, batch),
-                        (2, 3) => packed_tile::<2, 3>(packed.as_ptr(), xb, cols, kc, a, batch),
-                        (2, 2) => packed_tile::<2, 2>(packed.as_ptr(), xb, cols, kc, a, batch),
-                        (2, 1) => packed_tile::<2, 1>(packed.as_ptr(), xb, cols, kc, a, batch),
-                        (1, 3) => packed_tile::<1, 3>(packed.as_ptr(), xb, cols, kc, a, batch),
-                        (1, 2) => packed_tile::<1, 2>(packed.as_ptr(), xb, cols, kc, a, batch),
-                        (1, 1) => packed_tile::<1, 1>(packed.as_ptr(), xb, cols, kc, a, batch),
-                        _ => unreachable!(),
-                    }
+                    dispatch!(packed_tile, nr, nb, packed.as_ptr(), xb, cols, kc, a, batch);
                     b += nb;
                 }
             }
@@ -354,9 +341,9 @@ mod avx2 {
     /// One register tile: weight rows row0..row0+nr against x rows (nb of them, stride cols).
     pub unsafe fn tile(w: WeightView<'_>, row0: usize, cols: usize, x: *const f32, nr: usize, nb: usize, out: *mut f32, ldo: usize) {
         match w {
-            WeightView::F32(d) => dispatch!(tile_f32, d.as_ptr().add(row0 * cols), cols, x, out, ldo, nr, nb),
-            WeightView::F16(d) => dispatch!(tile_f16, d.as_ptr().add(row0 * cols), cols, x, out, ldo, nr, nb),
-            WeightView::Bf16(d) => dispatch!(tile_bf16, d.as_ptr().add(row0 * cols), cols, x, out, ldo, nr, nb),
+            WeightView::F32(d) => dispatch!(tile_f32, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
+            WeightView::F16(d) => dispatch!(tile_f16, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
+            WeightView::Bf16(d) => dispatch!(tile_bf16, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
         }
     }
 }
