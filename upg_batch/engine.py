@@ -39,14 +39,14 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         checks = [
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("max_tokens", _int_in(self.max_tokens, 1, 2**31), "an integer >= 1"),
             ("temperature", _finite(self.temperature) and self.temperature >= 0, "a number >= 0"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0: off)"),
+            ("top_k", _int_in(self.top_k, 0, 2**31), "an integer >= 0 (0: off)"),
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
-            ("seed", self.seed is None or (isinstance(self.seed, int) and self.seed >= 0), "None or an integer >= 0"),
+            ("seed", self.seed is None or _int_in(self.seed, 0, 2**64 - 1), "None or an integer in [0, 2**64)"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
-            ("stop_token_ids", all(t >= 0 for t in self.stop_token_ids), "a list of token ids >= 0"),
+            ("stop_token_ids", all(_int_in(t, 0, 2**32 - 1) for t in self.stop_token_ids), "a list of token ids >= 0"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -64,6 +64,20 @@ class SamplingParams:
             list(self.stop_token_ids),
             bool(self.ignore_eos),
         )
+
+
+def _int_in(x: object, low: int, high: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
+
+
+def _token_ids(ids: Sequence[int], what: str) -> list[int]:
+    """`ids` as a list of ints in the native range, or EngineError naming the bad one."""
+    out = []
+    for pos, t in enumerate(ids):
+        if not _int_in(t, 0, 2**32 - 1) and not (isinstance(t, np.integer) and 0 <= t < 2**32):
+            raise EngineError(f"{what}: token id {t!r} at position {pos} is not an integer in [0, 2**32)")
+        out.append(int(t))
+    return out
 
 
 def _finite(x: object) -> bool:
@@ -105,6 +119,9 @@ class Engine:
         max_batch: int = 32,
         context: int | None = None,
     ) -> None:
+        for name, value, low in (("threads", threads, 1), ("max_batch", max_batch, 1), ("context", context, 2)):
+            if value is not None and not _int_in(value, low, 2**31):
+                raise EngineError(f"Engine argument `{name}` must be an integer >= {low}, got {value!r}")
         self._native = _native.NativeEngine(os.fspath(model_dir), backend, weights, threads, max_batch, context)
 
     def tokenize(self, text: str) -> list[int]:
@@ -113,11 +130,11 @@ class Engine:
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens skipped."""
-        return self._native.detokenize(list(ids))
+        return self._native.detokenize(_token_ids(ids, "detokenize"))
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 [len(token_ids), vocab]: the next-token logits at every position."""
-        raw, rows, vocab = self._native.logits(list(token_ids))
+        raw, rows, vocab = self._native.logits(_token_ids(token_ids, "logits"))
         return np.frombuffer(raw, dtype=np.float32).reshape(rows, vocab).copy()
 
     def generate(
@@ -135,7 +152,7 @@ class Engine:
             per_prompt = list(params)
             if len(per_prompt) != len(prompts):
                 raise ValueError(f"got {len(prompts)} prompts but {len(per_prompt)} SamplingParams")
-        native_prompts = [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        native_prompts = [p if isinstance(p, str) else _token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
         results = self._native.generate(native_prompts, [p._to_native() for p in per_prompt])
         return [Completion(list(ids), text, reason, n_prompt, ttft, latency) for ids, text, reason, n_prompt, ttft, latency in results]
 

@@ -18,14 +18,14 @@ use engine::sampler::SamplingParams;
 use engine::stats::Stats;
 use engine::{Engine, EngineOptions, Prompt};
 
-create_exception!(_native, EngineError, PyException, "An error of the native engine: bad model files, bad input, an unavailable backend.");
+create_exception!(upg_batch._native, EngineError, PyException, "An error of the native engine: bad model files, bad input, an unavailable backend.");
 
 fn to_py(e: error::EngineError) -> PyErr {
     EngineError::new_err(e.to_string())
 }
 
 /// (max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)
-type NativeParams = (usize, f32, usize, f32, f32, Option<u64>, Vec<String>, Vec<u32>, bool);
+type NativeParams = (usize, f64, usize, f64, f64, Option<u64>, Vec<String>, Vec<u32>, bool);
 /// (token_ids, text, finish_reason, prompt_tokens, ttft_s, latency_s)
 type NativeOutput = (Vec<u32>, String, &'static str, usize, f64, f64);
 

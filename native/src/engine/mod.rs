@@ -20,6 +20,9 @@ use crate::model::config::{read_json_object, token_ids, ModelConfig};
 use crate::model::llama::{Llama, StepRow};
 use crate::model::weights::WeightFormat;
 
+const MAX_THREADS: usize = 1024;
+const MAX_BATCH: usize = 65536;
+
 pub struct EngineOptions {
     pub backend: String,
     pub weights: String,
@@ -56,8 +59,11 @@ impl Engine {
         if opts.max_batch == 0 {
             return Err(EngineError::InvalidArgument("max_batch must be >= 1".into()));
         }
-        if opts.threads == Some(0) {
-            return Err(EngineError::InvalidArgument("threads must be >= 1 (or None for all cores)".into()));
+        if matches!(opts.threads, Some(t) if t == 0 || t > MAX_THREADS) {
+            return Err(EngineError::InvalidArgument(format!("threads must be between 1 and {MAX_THREADS} (or None for all cores)")));
+        }
+        if opts.max_batch > MAX_BATCH {
+            return Err(EngineError::InvalidArgument(format!("max_batch must be at most {MAX_BATCH}")));
         }
         if !model_dir.is_dir() {
             return Err(EngineError::file(model_dir, "model folder not found"));
@@ -124,7 +130,7 @@ impl Engine {
             return Err(EngineError::InvalidArgument("logits: token_ids is empty".into()));
         }
         if ids.len() > self.context {
-            return Err(EngineError::PromptTooLong { index: 0, tokens: ids.len(), context: self.context });
+            return Err(EngineError::InvalidArgument(format!("logits: {} tokens exceed the context of {} tokens", ids.len(), self.context)));
         }
         let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut caches = vec![self.model.new_cache()];

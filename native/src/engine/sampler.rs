@@ -10,10 +10,10 @@ use crate::error::{EngineError, Result};
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
     pub max_tokens: usize,
-    pub temperature: f32,
+    pub temperature: f64,
     pub top_k: usize,
-    pub top_p: f32,
-    pub min_p: f32,
+    pub top_p: f64,
+    pub min_p: f64,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
@@ -94,16 +94,20 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// (token, probability) pairs that survive the filters, in descending probability (ties by
 /// token id), renormalized to sum to 1.
 pub fn filtered_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
-    let inv_t = 1.0 / p.temperature as f64;
-    let mut cand: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l as f64 * inv_t)).collect();
+    let inv_t = 1.0 / p.temperature;
+    if !inv_t.is_finite() {
+        return vec![(argmax(logits), 1.0)];
+    }
+    let mut cand: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l as f64)).collect();
     cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if p.top_k > 0 && p.top_k < cand.len() {
         cand.truncate(p.top_k);
     }
+    // Scale after subtracting the maximum: exponents stay <= 0 however small the temperature.
     let max = cand[0].1;
     let mut total = 0.0;
     for c in cand.iter_mut() {
-        c.1 = (c.1 - max).exp();
+        c.1 = ((c.1 - max) * inv_t).exp();
         total += c.1;
     }
     for c in cand.iter_mut() {
@@ -115,7 +119,7 @@ pub fn filtered_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f6
         let mut keep = cand.len();
         for (i, c) in cand.iter().enumerate() {
             cum += c.1;
-            if cum >= p.top_p as f64 {
+            if cum >= p.top_p {
                 keep = i + 1;
                 break;
             }
@@ -123,7 +127,7 @@ pub fn filtered_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f6
         cand.truncate(keep);
     }
     if p.min_p > 0.0 {
-        let threshold = p.min_p as f64 * cand[0].1;
+        let threshold = p.min_p * cand[0].1;
         cand.retain(|c| c.1 >= threshold);
     }
     let total: f64 = cand.iter().map(|c| c.1).sum();
@@ -149,7 +153,7 @@ fn draw(probs: &[(u32, f64)], u: f64) -> u32 {
 mod tests {
     use super::*;
 
-    fn params(temperature: f32, top_k: usize, top_p: f32, min_p: f32) -> SamplingParams {
+    fn params(temperature: f64, top_k: usize, top_p: f64, min_p: f64) -> SamplingParams {
         SamplingParams { temperature, top_k, top_p, min_p, ..Default::default() }
     }
 
