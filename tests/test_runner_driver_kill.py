@@ -1,0 +1,78 @@
+"""The driver is SIGKILLed mid-job; `run` again ends with the output of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT, output_files, read_output, write_job, write_prompts
+
+from upg_batch.commit import MANIFEST, SUCCESS
+from upg_batch.config import load_config
+from upg_batch.runner import Runner
+
+
+def _committed(out: Path) -> int:
+    try:
+        return len(json.loads((out / MANIFEST).read_text())["shards"])
+    except (OSError, ValueError):
+        return 0
+
+
+def _cli(job: Path, log: Path, **env: str) -> subprocess.Popen:
+    full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log, "ab") as f:
+        # a session of its own, so the local Ray it starts can be cleaned up as a group
+        return subprocess.Popen([sys.executable, "-m", "upg_batch", "run", "--json", str(job)], stdout=f, stderr=f, env=full_env, start_new_session=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_driver_killed_mid_job_then_run_again(tmp_path: Path, local_ray):
+    f = write_prompts(tmp_path / "d.parquet", 64)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, f, out)  # 8 shards of 8 rows
+    log = tmp_path / "log.txt"
+    proc = _cli(job, log, UPG_BATCH_TEST_SHARD_DELAY_S="1.0")
+    try:
+        deadline = time.monotonic() + 180
+        while _committed(out) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, log.read_text()
+        assert 2 <= _committed(out) < 8
+        proc.send_signal(signal.SIGKILL)  # the driver alone, as a crash would
+        proc.wait(timeout=30)
+        time.sleep(1.0)
+    finally:
+        _kill_group(proc)  # then whatever is left of the Ray it started
+    done_before = _committed(out)
+    assert not (out / SUCCESS).exists()
+    # what a kill during a commit leaves behind: a temp file, a part file not yet in the manifest
+    (out / ".tmp-part-000007.arrow.999999").write_bytes(b"half a file")
+    (out / "part-000007.arrow").write_bytes(b"renamed but not recorded")
+
+    again = _cli(job, log)
+    try:
+        assert again.wait(timeout=240) == 0, log.read_text()
+    finally:
+        _kill_group(again)
+    assert output_files(out) == sorted([MANIFEST, SUCCESS] + [f"part-{i:06d}.arrow" for i in range(8)])
+    resumed = read_output(out).sort_by("id")
+    assert resumed.column("id").to_pylist() == list(range(64))
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["runs"] == 2 and manifest["summary"]["shards_skipped"] == done_before
+
+    # the same job without interruption (into another folder) gives the same rows
+    ref_out = tmp_path / "ref"
+    Runner(load_config(write_job(tmp_path, f, ref_out))).run()
+    assert read_output(ref_out).sort_by("id").equals(resumed)
