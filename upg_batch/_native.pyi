@@ -1,0 +1,39 @@
+"""Type stubs of the native engine module (native/src/lib.rs), built by maturin as
+`upg_batch._native`. The documented API is `upg_batch.engine`; this module takes and returns
+plain values. tests/test_engine_stubs.py checks these stubs against the built module."""
+
+from os import PathLike
+from typing import Any, Sequence, final
+
+__all__ = ["EngineError", "NativeEngine", "measure_read_bandwidth"]
+
+# (max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)
+_NativeParams = tuple[int, float, int, float, float, int | None, Sequence[str], Sequence[int], bool]
+# (token_ids, text, finish_reason, prompt_tokens, ttft_s, latency_s); finish_reason "stop" | "length"
+_NativeOutput = tuple[list[int], str, str, int, float, float]
+
+class EngineError(Exception):
+    """An error of the native engine: bad model files, bad input, an unavailable backend."""
+
+@final
+class NativeEngine:
+    def __new__(
+        cls,
+        model_dir: str | PathLike[str],
+        backend: str,
+        weights: str,
+        threads: int | None,
+        max_batch: int,
+        context: int | None,
+    ) -> NativeEngine: ...
+    def tokenize(self, text: str) -> list[int]: ...
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+    def logits(self, ids: Sequence[int]) -> tuple[bytes, int, int]:
+        """(float32 bytes, rows, vocab)"""
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[_NativeParams]) -> list[_NativeOutput]: ...
+    def info(self) -> dict[str, Any]: ...
+    def stats(self) -> dict[str, int | float]: ...
+
+def measure_read_bandwidth(bytes: int = ..., threads: int = 1, repeats: int = 5) -> float:
+    """Memory read bandwidth of this machine in bytes/s: the best of `repeats` parallel reads
+    of a `bytes`-sized buffer on `threads` threads (for benchmarks' ceilings)."""
