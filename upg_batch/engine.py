@@ -143,6 +143,8 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
         """Continue every prompt; results come back in the order of `prompts`."""
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError("generate() takes a list of prompts; wrap a single prompt in a list")
         prompts = list(prompts)
         if params is None:
             params = SamplingParams()

@@ -180,7 +180,10 @@ impl Engine {
         }
         if !p.stop.is_empty() {
             let text = decode(generated);
-            if let Some(cut) = p.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            // A trailing U+FFFD is a multi-byte character split across tokens: it may still
+            // complete, so it cannot match a stop string yet.
+            let settled = text.trim_end_matches('\u{fffd}');
+            if let Some(cut) = p.stop.iter().filter_map(|s| settled.find(s.as_str())).min() {
                 return Some((text[..cut].to_string(), FinishReason::Stop));
             }
         }

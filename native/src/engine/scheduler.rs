@@ -127,8 +127,10 @@ pub fn run(engine: &Engine, prompts: Vec<Vec<u32>>, params: Vec<SamplingParams>)
         Stats::set(&stats.kv_cache_tokens, running.iter().map(|s| s.processed).sum());
         Stats::set(&stats.kv_cache_bytes, caches.iter().map(|c| c.bytes()).sum());
     }
+    // The caches are freed on return.
     Stats::set(&stats.running_sequences, 0);
     Stats::set(&stats.kv_cache_tokens, 0);
+    Stats::set(&stats.kv_cache_bytes, 0);
     outputs.into_iter().map(|o| o.expect("every request finishes")).collect()
 }
 
