@@ -54,12 +54,21 @@ def test_job_commits_every_row_exactly_once_and_resumes_as_a_no_op(tmp_path: Pat
     assert summary["completion_tokens"] == sum(r["completion_tokens"] for r in rows.values())
     [(node, share)] = summary["nodes"].items()
     assert share["rows"] == 33 and share["share"] == 1.0
+    assert node.startswith("127.0.0.1-")  # the local Ray is bound to loopback
     assert (out / SUCCESS).exists() and json.loads((out / MANIFEST).read_text())["complete"]
 
     before = {n: (out / n).read_bytes() for n in output_files(out) if n.startswith("part-")}
     again = _run(job)
     assert again["shards_skipped"] == 5 and again["shards_run"] == 0
     assert {n: (out / n).read_bytes() for n in output_files(out) if n.startswith("part-")} == before
+
+
+def test_local_ray_listens_on_loopback_only(local_ray):
+    [node] = local_ray.nodes()
+    assert node["NodeManagerAddress"] == "127.0.0.1"
+    from ray._private.worker import global_worker
+
+    assert global_worker.node.gcs_address.startswith("127.0.0.1:")
 
 
 def test_every_bad_row_kind_becomes_an_error_row(tmp_path: Path):

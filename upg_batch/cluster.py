@@ -7,6 +7,7 @@ the node's CPUs allow) or one per GPU, so every machine runs its own engine.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ def connect(cluster: ClusterSection) -> bool:
     if cluster.address is None:
         # A private Ray on this machine: bound to loopback because Ray's ports run code
         # for anyone who reaches them.
+        _keep_loopback()
         ray.init(
             address="local",
             _node_ip_address="127.0.0.1",
@@ -38,6 +40,23 @@ def connect(cluster: ClusterSection) -> bool:
     else:
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     return True
+
+
+def _keep_loopback() -> None:
+    """Keep Ray from replacing 127.0.0.1 with the machine's outward IP.
+
+    On Linux, ray.init resolves a loopback node address to the outward IP (and its servers
+    then listen there) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the single-host mode Ray
+    always uses on macOS. Ray reads that variable at import, so the constant is set too;
+    the variable reaches the processes Ray starts.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        import ray._private.ray_constants as ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except (ImportError, AttributeError):  # a Ray without it binds as it sees fit
+        log.debug("cannot pin Ray to loopback in this Ray version")
 
 
 @dataclass

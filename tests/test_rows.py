@@ -1,0 +1,89 @@
+"""Row handling inside an actor, without Ray: seeds, per-row fallback, progress output."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+from conftest import MODEL, write_job, write_prompts
+
+from upg_batch.chat import load_chat_template
+from upg_batch.config import load_config
+from upg_batch.engine import Engine, EngineError, SamplingParams
+from upg_batch.plan import make_plan
+from upg_batch.progress import Progress, format_summary
+from upg_batch.rows import Prompting, WorkSpec, derive_seed, output_schema, run_rows
+
+
+def test_derived_seeds_are_stable_and_distinct():
+    assert derive_seed(7, 12) == derive_seed(7, 12)
+    assert len({derive_seed(7, i) for i in range(1000)}) == 1000
+    assert derive_seed(7, 1) != derive_seed(8, 1)
+    assert 0 <= derive_seed(2**40, "x") < 2**63
+
+
+class _FailsInBatches:
+    """A real engine whose batched generate refuses any batch holding a poisoned prompt, as an
+    engine bug on one row would; alone, the poisoned prompt still fails."""
+
+    def __init__(self, engine: Engine, poison: list[int]) -> None:
+        self.engine, self.poison = engine, poison
+        self.info = engine.info
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.engine.tokenize(text)
+
+    def generate(self, prompts, params):
+        if any(list(p) == self.poison for p in prompts):
+            raise EngineError("engine could not run this prompt")
+        return self.engine.generate(prompts, params)
+
+
+def test_a_failing_generate_falls_back_to_one_row_at_a_time(tmp_path: Path):
+    f = write_prompts(tmp_path / "d.parquet", 5)
+    cfg = load_config(write_job(tmp_path, f, input={"shard_rows": 5}))
+    plan = make_plan(cfg)
+    spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, []))
+    engine = Engine(MODEL, max_batch=8)
+    poisoned = _FailsInBatches(engine, engine.tokenize("Row 2: tell me about the number 2."))
+    result = run_rows(poisoned, Prompting(poisoned, load_chat_template(MODEL)), plan.shards[0], spec, SamplingParams)
+    rows = result.batch.to_pylist()
+    assert [r["id"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[2]["finish_reason"] == "error" and "engine could not run this prompt" in rows[2]["error"]
+    assert all(r["error"] is None and r["completion"] is not None for i, r in enumerate(rows) if i != 2)
+    assert result.ok == 4 and result.errors == 1
+    # the rows that ran alone got what a batched run gives (the engine is batch-invariant)
+    alone = engine.generate([engine.tokenize(f"Row {i}: tell me about the number {i}.") for i in (0, 1, 3, 4)], SamplingParams(max_tokens=6, temperature=0.0))
+    assert [r["completion"] for i, r in enumerate(rows) if i != 2] == [c.text for c in alone]
+
+
+def test_progress_bar_on_a_tty_and_log_lines_otherwise(caplog):
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    p = Progress(10, 2, "auto", 0.0, tty)
+    p.update(3, 40)
+    p.close()
+    assert "5/10" in tty.getvalue() and "tok/s" in tty.getvalue()
+
+    plain = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="upg_batch"):
+        p = Progress(10, 0, "auto", 0.0, plain)
+        p.update(4, 10)
+        p.close()
+    assert plain.getvalue() == ""
+    assert any("rows 4/10 (40.0%)" in r.getMessage() and "eta" in r.getMessage() for r in caplog.records)
+
+
+def test_summary_names_each_node_share():
+    text = format_summary({
+        "status": "complete", "rows_ok": 9, "rows_error": 1, "rows_total": 10, "shards_total": 2, "shards_skipped": 0,
+        "prompt_tokens": 50, "completion_tokens": 80, "tokens_per_s": 40.0, "wall_s": 3.0,
+        "nodes": {"10.0.0.1-aaaaaaaa": {"shards": 1, "rows": 6, "completion_tokens": 50, "share": 0.6},
+                  "10.0.0.2-bbbbbbbb": {"shards": 1, "rows": 4, "completion_tokens": 30, "share": 0.4}},
+    })
+    assert "9 rows ok, 1 rows in error" in text and "40.0 completion tok/s" in text
+    assert "node 10.0.0.1-aaaaaaaa: 1 shards, 6 rows, 50 tokens (60.0% of rows)" in text
