@@ -49,6 +49,7 @@ def test_resume_keeps_committed_and_cleans_strays(tmp_path: Path):
     c = Committer(out, FP, 3, "arrow")
     assert c.is_committed(0) and not c.is_committed(1) and not c.is_committed(2)
     assert output_files(out) == [".upg-batch.lock", MANIFEST, "part-000000.arrow"]
+    c.begin()
     c.close()
     assert json.loads((out / MANIFEST).read_text())["runs"] == 2
 
@@ -85,6 +86,11 @@ def test_foreign_files_refused_even_with_overwrite(tmp_path: Path):
         with pytest.raises(OutputError, match="did not write \\(notes.txt\\)"):
             Committer(out, FP, 1, "arrow", overwrite=overwrite)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_that_never_begins_leaves_no_folder(tmp_path: Path):
+    Committer(tmp_path / "new", FP, 1, "arrow").close()
+    assert not (tmp_path / "new").exists()
 
 
 def test_one_run_at_a_time(tmp_path: Path):

@@ -189,3 +189,20 @@ def test_validate_counts_rows_and_reports_too_long_ones(tmp_path: Path, capsys):
     assert report["too_long"] == 1 and report["error_rows"] == 2
     assert report["error_kinds"] == {"empty": 1, "too_long": 1}
     assert not (tmp_path / "out").exists()  # validate writes nothing
+
+
+def test_a_model_that_does_not_load_fails_the_job_before_any_work(tmp_path: Path, capsys):
+    import shutil
+
+    from conftest import MODEL
+
+    bad = tmp_path / "model"
+    shutil.copytree(MODEL, bad)
+    (bad / "model.safetensors").write_bytes(b"\xff" * 64)
+    f = write_prompts(tmp_path / "d.parquet", 4)
+    job = write_job(tmp_path, f, tmp_path / "out", model={"path": str(bad)})
+    for command in ("run", "validate"):
+        assert main([command, str(job)]) == 2
+        errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("upg-batch: error:")]
+        assert len(errors) == 1 and "does not load" in errors[0] and "model.safetensors" in errors[0], errors
+    assert not (tmp_path / "out").exists()

@@ -49,13 +49,21 @@ class EngineActor:
         self.actor_key = actor_key
         self.hooks = hooks
         self.node = node  # node_label() of the node the driver pinned this actor to
-        self.engine = Engine(m.path, backend=m.backend, weights=m.weights, threads=m.threads, max_batch=m.max_batch, context=m.context)
-        self.prompting = Prompting(self.engine, load_chat_template(m.path))
         self._lock = threading.Lock()
         self._current: int | None = None
+        # A model that does not load is reported by ready() as a plain message, rather than
+        # as an actor creation failure wrapped in Ray's formatting.
+        self.load_error: str | None = None
+        try:
+            self.engine = Engine(m.path, backend=m.backend, weights=m.weights, threads=m.threads, max_batch=m.max_batch, context=m.context)
+            self.prompting = Prompting(self.engine, load_chat_template(m.path))
+        except Exception as e:  # EngineError, OSError, a bad chat template, ...
+            self.load_error = f"{type(e).__name__}: {e}"
 
     @ray.method(concurrency_group="poll")
     def ready(self) -> dict[str, Any]:
+        if self.load_error is not None:
+            return {"node": self.node, "pid": os.getpid(), "error": self.load_error}
         return {"node": self.node, "pid": os.getpid(), "info": self.engine.info}
 
     @ray.method(concurrency_group="work")

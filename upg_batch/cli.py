@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from typing import Sequence
 
@@ -68,8 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from upg_batch.commit import OutputError
     from upg_batch.config import ConfigError, load_config
     from upg_batch.plan import DatasetError
-    from upg_batch.runner import JobError
+    from upg_batch.runner import JobError, ModelError
 
+    # SIGTERM unwinds like Ctrl-C: actors are killed, the output folder's lock released
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cfg = load_config(args.job)
         if args.command == "validate":
@@ -84,12 +87,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = Runner(cfg, overwrite=args.overwrite).run()
         print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
         return EXIT_OK
-    except (ConfigError, DatasetError, OutputError) as e:
+    except (ConfigError, DatasetError, OutputError, ModelError) as e:
         return _fail(EXIT_BAD_JOB, str(e))
     except JobError as e:
         return _fail(EXIT_FAILED, str(e))
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, "interrupted; committed shards are kept, run the job again to resume")
+    except Exception as e:  # anything unforeseen: still one line (the traceback with -v)
+        logging.getLogger("upg_batch").debug("unexpected error", exc_info=True)
+        return _fail(EXIT_FAILED, f"{type(e).__name__}: {e}")
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":  # pragma: no cover

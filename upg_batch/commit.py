@@ -72,6 +72,9 @@ class Committer:
         self.fmt = fmt
         self.fingerprint = dict(fingerprint)
         self.total_shards = total_shards
+        # a folder this run created is removed again if the run ends before writing to it
+        self._created = not self.dir.exists()
+        self._begun = False
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -114,7 +117,12 @@ class Committer:
                 if _ours(n) and n != LOCK:
                     os.unlink(self.dir / n)
         self._clean()
+
+    def begin(self) -> None:
+        """Record this run (and the fingerprint) in the manifest: called once the job is about
+        to do work, so a job that fails its checks leaves the folder as it found it."""
         self.runs += 1
+        self._begun = True
         self._write_manifest()
 
     def _read_manifest(self) -> dict[str, Any] | None:
@@ -152,6 +160,8 @@ class Committer:
 
     def commit(self, index: int, batch: pa.RecordBatch, info: dict[str, Any]) -> float:
         """Write, fsync, rename, record. Returns the seconds it took."""
+        if not self._begun:
+            self.begin()
         if index in self.shards:  # the driver commits each shard once; this guards G3
             raise OutputError(f"shard {index} is already committed")
         t0 = time.perf_counter()
@@ -174,6 +184,7 @@ class Committer:
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Mark the job complete: the manifest, then _SUCCESS (last, so readers can wait on it)."""
+        self._begun = True
         self._write_manifest(summary=summary, complete=True)
         _write_atomic(self.dir / SUCCESS, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
 
@@ -197,3 +208,8 @@ class Committer:
             (self.dir / LOCK).unlink(missing_ok=True)
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
+            if self._created and not self._begun:
+                try:
+                    self.dir.rmdir()
+                except OSError:  # not empty after all
+                    pass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -26,13 +27,17 @@ from upg_batch.plan import Plan, make_plan
 from upg_batch.progress import Progress, format_summary
 from upg_batch.rows import ShardResult, WorkSpec, error_batch, output_schema
 
-__all__ = ["JobError", "Runner", "run_job"]
+__all__ = ["JobError", "ModelError", "Runner", "run_job"]
 
 log = logging.getLogger("upg_batch")
 
 
 class JobError(RuntimeError):
-    """The job could not finish (no engine could start, every actor died, ...)."""
+    """The job could not finish (every actor died, ...)."""
+
+
+class ModelError(JobError):
+    """The model does not load (on any node): a bad job, found before any work."""
 
 
 def _job_metrics(cfg: JobConfig) -> Any:
@@ -53,7 +58,7 @@ class _NoMetrics:
 def check_model_dir(cfg: JobConfig) -> None:
     p = Path(cfg.model.path)
     if not (p / "config.json").is_file():
-        raise JobError(f"model.path {p}: no config.json there (expected a Hugging Face model folder)")
+        raise ModelError(f"model.path {p}: no config.json there (expected a Hugging Face model folder)")
 
 
 class Runner:
@@ -89,6 +94,8 @@ class Runner:
                         if started_ray:
                             ray.shutdown()
                 summary = self._summary(plan, committer, stats, skipped, time.monotonic() - t_start)
+                if not todo:
+                    committer.begin()
                 committer.finish(summary)
             finally:
                 metrics.stop()
@@ -200,7 +207,8 @@ class _Loop:
                 self._handle(ref)
             self._check_timeouts()
         if not any(s.state == "ready" for s in self.slots):
-            raise JobError(self._no_actor_message())
+            raise ModelError(self._no_actor_message())
+        self.committer.begin()
 
     def _no_actor_message(self) -> str:
         causes = sorted({s.last_error for s in self.slots if s.last_error})
@@ -223,6 +231,9 @@ class _Loop:
                 info = ray.get(ref, timeout=10)
             except (RayError, GetTimeoutError) as e:
                 self._actor_gone(slot, f"engine actor failed to start on {slot.node}: {_cause(e)}", starting=True)
+                return
+            if info.get("error"):
+                self._actor_gone(slot, f"the model does not load on {slot.node}: {info['error']}", starting=True)
                 return
             slot.state = "ready"
             slot.node = info["node"]
@@ -379,14 +390,19 @@ class _Loop:
         )
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _cause(e: BaseException) -> str:
     """A one-line reason from a Ray exception (the innermost cause when there is one)."""
     cause = getattr(e, "cause", None)
     if isinstance(e, RayTaskError) and cause is not None:
-        e = cause
-    text = str(e).strip().splitlines()
-    line = text[-1] if isinstance(e, RayTaskError) else (text[0] if text else "")
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+        return f"{type(cause).__name__}: {' '.join(str(cause).split())}"
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip() and set(ln.strip()) != {"^"}]
+    if not lines:
+        return type(e).__name__
+    # Ray puts the traceback's last line (the error itself) at the end of multi-line messages
+    return f"{type(e).__name__}: {lines[-1] if len(lines) > 1 else lines[0]}"
 
 
 def run_job(cfg: JobConfig, overwrite: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
