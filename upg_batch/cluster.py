@@ -6,10 +6,11 @@ the node's CPUs allow) or one per GPU, so every machine runs its own engine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -29,34 +30,47 @@ def connect(cluster: ClusterSection) -> bool:
     if cluster.address is None:
         # A private Ray on this machine: bound to loopback because Ray's ports run code
         # for anyone who reaches them.
-        _keep_loopback()
-        ray.init(
-            address="local",
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        with _keep_loopback():
+            ray.init(
+                address="local",
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
     else:
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     return True
 
 
-def _keep_loopback() -> None:
-    """Keep Ray from replacing 127.0.0.1 with the machine's outward IP.
+@contextlib.contextmanager
+def _keep_loopback() -> Iterator[None]:
+    """Keep Ray from replacing 127.0.0.1 with the machine's outward IP while it starts.
 
     On Linux, ray.init resolves a loopback node address to the outward IP (and its servers
     then listen there) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the single-host mode Ray
-    always uses on macOS. Ray reads that variable at import, so the constant is set too;
-    the variable reaches the processes Ray starts.
+    always uses on macOS. Ray reads that variable at import, so the constant is set too; the
+    processes Ray starts inherit the variable. Both are restored afterwards.
     """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    name = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    old_env = os.environ.get(name)
+    os.environ[name] = "0"
     try:
         import ray._private.ray_constants as ray_constants
 
+        old_const = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
         ray_constants.ENABLE_RAY_CLUSTER = False
-    except (ImportError, AttributeError):  # a Ray without it binds as it sees fit
-        log.debug("cannot pin Ray to loopback in this Ray version")
+    except ImportError:  # a Ray without it binds as it sees fit
+        ray_constants, old_const = None, None
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old_env
+        if ray_constants is not None and old_const is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = old_const
 
 
 @dataclass
