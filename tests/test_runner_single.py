@@ -206,3 +206,17 @@ def test_a_model_that_does_not_load_fails_the_job_before_any_work(tmp_path: Path
         errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("upg-batch: error:")]
         assert len(errors) == 1 and "does not load" in errors[0] and "model.safetensors" in errors[0], errors
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hung_shard_is_given_up_after_shard_timeout(tmp_path: Path, monkeypatch):
+    f = write_prompts(tmp_path / "d.parquet", 16)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, f, out, cluster={"shard_timeout_s": 1.0, "max_attempts": 1, "shards_in_flight": 1})
+    monkeypatch.setenv("UPG_BATCH_TEST_SHARD_DELAY_S", "30")  # every shard "hangs"
+    t0 = time.monotonic()
+    summary = _run(job)
+    assert time.monotonic() - t0 < 60
+    rows = read_output(out).to_pylist()
+    assert sorted(r["id"] for r in rows) == list(range(16))
+    assert all(r["finish_reason"] == "error" and "shard_timeout_s" in r["error"] for r in rows)
+    assert summary["shards_failed"] == 2 and summary["rows_error"] == 16
