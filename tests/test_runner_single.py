@@ -220,3 +220,17 @@ def test_a_hung_shard_is_given_up_after_shard_timeout(tmp_path: Path, monkeypatc
     assert sorted(r["id"] for r in rows) == list(range(16))
     assert all(r["finish_reason"] == "error" and "shard_timeout_s" in r["error"] for r in rows)
     assert summary["shards_failed"] == 2 and summary["rows_error"] == 16
+
+
+def test_a_taken_metrics_port_is_a_bad_job(tmp_path: Path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        f = write_prompts(tmp_path / "d.parquet", 2)
+        job = write_job(tmp_path, f, tmp_path / "out", metrics={"port": port})
+        assert main(["run", str(job)]) == 2
+    assert f"metrics.port {port}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

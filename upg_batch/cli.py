@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from upg_batch.commit import OutputError
     from upg_batch.config import ConfigError, load_config
     from upg_batch.plan import DatasetError
-    from upg_batch.runner import JobError, ModelError
+    from upg_batch.runner import JobError, MetricsPortError, ModelError
 
     # SIGTERM unwinds like Ctrl-C: actors are killed, the output folder's lock released
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = Runner(cfg, overwrite=args.overwrite).run()
         print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
         return EXIT_OK
-    except (ConfigError, DatasetError, OutputError, ModelError) as e:
+    except (ConfigError, DatasetError, OutputError, ModelError, MetricsPortError) as e:
         return _fail(EXIT_BAD_JOB, str(e))
     except JobError as e:
         return _fail(EXIT_FAILED, str(e))

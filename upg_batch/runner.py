@@ -27,7 +27,7 @@ from upg_batch.plan import Plan, make_plan
 from upg_batch.progress import Progress, format_summary
 from upg_batch.rows import ShardResult, WorkSpec, error_batch, output_schema
 
-__all__ = ["JobError", "ModelError", "Runner", "run_job"]
+__all__ = ["JobError", "MetricsPortError", "ModelError", "Runner", "run_job"]
 
 log = logging.getLogger("upg_batch")
 
@@ -38,6 +38,10 @@ class JobError(RuntimeError):
 
 class ModelError(JobError):
     """The model does not load (on any node): a bad job, found before any work."""
+
+
+class MetricsPortError(JobError):
+    """The metrics endpoint cannot listen where the config says: a bad job."""
 
 
 def _job_metrics(cfg: JobConfig) -> Any:
@@ -84,7 +88,10 @@ class Runner:
             spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types))))
             stats = _RunStats()
             metrics = _job_metrics(cfg)
-            metrics.start()
+            try:
+                metrics.start()
+            except OSError as e:
+                raise MetricsPortError(f"metrics.port {cfg.metrics.port} on {cfg.metrics.host}: cannot serve metrics ({e.strerror or e}); choose another port, or 0 for none") from None
             try:
                 if todo:
                     started_ray = connect(cfg.cluster)
