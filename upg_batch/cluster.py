@@ -38,6 +38,10 @@ def connect(cluster: ClusterSection) -> bool:
                 log_to_driver=False,
                 configure_logging=False,
             )
+    elif cluster.address.split("://")[-1].rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+        # a cluster on this machine's loopback: joining must not rewrite the address either
+        with _keep_loopback():
+            ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     return True
