@@ -124,7 +124,11 @@ def test_a_shard_that_keeps_killing_its_actor_ends_as_error_rows(tmp_path: Path,
             assert r["finish_reason"] == "error" and "failed 2 times" in r["error"] and "died" in r["error"], r
         else:
             assert r["error"] is None, r
-    assert summary["shards_failed"] == 1 and summary["actor_restarts"] == 2
+    # two deaths charged to shard 1; a third restart when the first death left the blame
+    # unknown (two unfinished shards) and both then ran alone
+    assert summary["shards_failed"] == 1 and summary["actor_restarts"] in (2, 3)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert [int(k) for k, e in manifest["shards"].items() if e.get("failed")] == [1]
     assert summary["rows_error"] == 8 and summary["rows_ok"] == 16
 
 

@@ -164,6 +164,9 @@ class _Loop:
         self.failures: dict[int, int] = collections.Counter()
         self.attempts: dict[int, int] = collections.Counter()
         self.inflight: dict[Any, tuple[Slot, int, int]] = {}  # ref -> (slot, shard, attempt)
+        # Shards that may have killed an actor: each runs alone on its actor, so if it kills
+        # one again the blame is certain (a threaded actor may run queued calls out of order).
+        self.suspects: set[int] = set()
         self.hooks = test_hooks_from_env()
         self.stats = _RunStats()
         done_rows = sum(e["rows"] for e in committer.shards.values())
@@ -263,13 +266,28 @@ class _Loop:
         # fill the least busy actors first so every node gets work
         for slot in sorted((s for s in self.slots if s.state == "ready"), key=lambda s: len(s.queue)):
             while self.pending and len(slot.queue) < self.cl.shards_in_flight:
-                index = self.pending.popleft()
+                index = self._next_for(slot)
+                if index is None:
+                    break
                 self.attempts[index] += 1
                 ref = slot.handle.run_shard.remote(self.plan.shards[index], self.attempts[index])
                 if not slot.queue:
                     slot.head_since = now
                 slot.queue.append(ref)
                 self.inflight[ref] = (slot, index, self.attempts[index])
+
+    def _next_for(self, slot: Slot) -> int | None:
+        """The next pending shard for `slot`: a suspect only to an idle actor, nothing
+        more to an actor running a suspect."""
+        if not slot.queue:
+            return self.pending.popleft()
+        if any(self.inflight[r][1] in self.suspects for r in slot.queue):
+            return None
+        for i, index in enumerate(self.pending):
+            if index not in self.suspects:
+                del self.pending[i]
+                return index
+        return None
 
     def _drop(self, ref: Any) -> tuple[Slot, int, int]:
         slot, index, attempt = self.inflight.pop(ref)
@@ -295,7 +313,11 @@ class _Loop:
             _, index, _ = self._drop(ref)
             self._shard_failed(index, f"shard result lost on {slot.node}: {_cause(e)}", charge=False)
             return
-        _, index, _ = self._drop(ref)
+        self._commit_result(ref, result)
+
+    def _commit_result(self, ref: Any, result: ShardResult) -> None:
+        """Commit a finished attempt the driver is still waiting for."""
+        slot, index, _ = self._drop(ref)
         info = {
             "ok": result.ok,
             "errors": result.errors,
@@ -306,6 +328,7 @@ class _Loop:
             "generate_s": round(result.generate_s, 4),
         }
         seconds = self.committer.commit(index, result.batch, info)
+        self.suspects.discard(index)
         self.metrics.observe_commit(seconds)
         self.metrics.observe_completions(result.node, result.ttfts, result.latencies)
         self.metrics.rows_done("ok", result.ok)
@@ -327,6 +350,7 @@ class _Loop:
         rows as error rows naming the cause."""
         if charge:
             self.failures[index] += 1
+            self.suspects.add(index)
         if self.failures[index] < self.cl.max_attempts:
             log.warning("%s; shard %d goes back to the queue (attempt %d of %d failed)", cause, index, self.failures[index], self.cl.max_attempts)
             self.pending.appendleft(index)
@@ -336,6 +360,7 @@ class _Loop:
         log.error("%s; its %d rows become error rows", message, shard.rows)
         batch = error_batch(shard, self.spec, message)
         seconds = self.committer.commit(index, batch, {"ok": 0, "errors": shard.rows, "node": None, "attempt": self.attempts[index], "failed": True})
+        self.suspects.discard(index)
         self.metrics.observe_commit(seconds)
         self.metrics.rows_done("error", shard.rows)
         self.stats.failed += 1
@@ -344,21 +369,34 @@ class _Loop:
 
     # -- actors ----------------------------------------------------------------------------
     def _actor_gone(self, slot: Slot, cause: str, starting: bool = False) -> None:
-        """The slot's actor died (or hangs): its shards go back to the queue, the one it was
-        running charged with a failed attempt; then restart it on its node, a bounded number
-        of times."""
+        """The slot's actor died (or hangs): results it returned are committed, its other
+        shards go back to the queue, the one it died on charged with a failed attempt; then
+        the actor restarts on its node, a bounded number of times."""
         log.warning("%s", cause)
-        refs = list(slot.queue)
-        running = slot.current
-        if refs and running not in [self.inflight[r][1] for r in refs]:
-            running = self.inflight[refs[0]][1]  # the oldest queued call was the one running
-        # requeue in order; the uncharged ones first so they are not stuck behind a poison shard
-        for ref in reversed(refs):
-            _, index, _ = self._drop(ref)
-            if index != running:
+        # Results the actor returned before it died are whole: commit them, so neither their
+        # work is lost nor are they blamed.
+        if slot.queue:
+            done, _ = ray.wait(list(slot.queue), num_returns=len(slot.queue), timeout=0)
+            for ref in [r for r in slot.queue if r in done]:
+                try:
+                    result = ray.get(ref, timeout=10)
+                except (RayError, GetTimeoutError):
+                    continue
+                self._commit_result(ref, result)
+        left = [self.inflight[r][1] for r in slot.queue]
+        for ref in list(slot.queue):
+            self._drop(ref)
+        # The shard it died on: the only one left, or the one its last stats poll said was
+        # running (unfinished, so still running when it died). Otherwise unknown: all of them
+        # become suspects and run alone from now on, none charged.
+        culprit = left[0] if len(left) == 1 else (slot.current if slot.current in left else None)
+        if culprit is None:
+            self.suspects.update(left)
+        for index in reversed(left):  # back to the front of the queue, in order
+            if index != culprit:
                 self.pending.appendleft(index)
-        if running is not None and refs:
-            self._shard_failed(running, cause)
+        if culprit is not None:
+            self._shard_failed(culprit, cause)
         kill_actor(slot)
         slot.last_error = cause
         self.metrics.forget_actor(slot.key)
