@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -27,24 +28,44 @@ def connect(cluster: ClusterSection) -> bool:
     """Initialize Ray unless it already is. Returns True if this call started or joined it."""
     if ray.is_initialized():
         return False
-    if cluster.address is None:
-        # A private Ray on this machine: bound to loopback because Ray's ports run code
-        # for anyone who reaches them.
-        with _keep_loopback():
-            ray.init(
-                address="local",
-                _node_ip_address="127.0.0.1",
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
-    elif cluster.address.split("://")[-1].rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
-        # a cluster on this machine's loopback: joining must not rewrite the address either
-        with _keep_loopback():
+    with _neutral_cwd():
+        if cluster.address is None:
+            # A private Ray on this machine: bound to loopback because Ray's ports run code
+            # for anyone who reaches them.
+            with _keep_loopback():
+                ray.init(
+                    address="local",
+                    _node_ip_address="127.0.0.1",
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+        elif cluster.address.split("://")[-1].rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+            # a cluster on this machine's loopback: joining must not rewrite the address either
+            with _keep_loopback():
+                ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        else:
             ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    else:
-        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     return True
+
+
+@contextlib.contextmanager
+def _neutral_cwd() -> Iterator[None]:
+    """Run ray.init from an empty folder.
+
+    Ray puts the driver's working directory first on every worker's sys.path. Started from a
+    source checkout (as the README's demo is), workers would import the checkout's
+    `upg_batch`, which has no compiled engine, instead of the installed package. The folder
+    outlives the call: a local Ray's processes keep it as their working directory.
+    """
+    empty = os.path.join(tempfile.gettempdir(), "upg-batch-ray-cwd")
+    os.makedirs(empty, exist_ok=True)
+    old = os.getcwd()
+    os.chdir(empty)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 @contextlib.contextmanager
