@@ -134,22 +134,27 @@ class JobMetrics:
         if self._server is None:
             return
         with self._scraped:
-            self._scrapes = [*self._scrapes[-1:], time.monotonic()]
+            self._scrapes = [*self._scrapes[-2:], time.monotonic()]
             self._scraped.notify_all()
+
+    def _fresh_scrapes(self, since: float) -> int:
+        return sum(1 for t in self._scrapes if t > since)
 
     def stop(self) -> None:
         """Stop serving and free the port. Safe to call twice, or without start().
 
         A batch job's last values would otherwise never reach Prometheus when the job ends
         between two scrapes: if something scrapes the endpoint regularly (two scrapes seen),
-        stop() first waits for one more scrape (up to two scrape intervals, at most `linger_s`).
+        stop() first waits for two more scrapes (up to three scrape intervals, at most `linger_s`).
         """
         with self._scraped:
             if self._server is not None and len(self._scrapes) > 1:  # a scraper polls regularly
-                seen = self._scrapes[-1]
+                # Two fresh scrapes: the first may have been cut off by the scraper's timeout
+                # on a busy machine.
+                stopping = time.monotonic()
                 interval = self._scrapes[-1] - self._scrapes[0]
-                deadline = time.monotonic() + min(self.linger_s, 2 * interval + 1.0)
-                while self._scrapes[-1] == seen and time.monotonic() < deadline:
+                deadline = stopping + min(self.linger_s, 3 * interval + 1.0)
+                while self._fresh_scrapes(stopping) < 2 and time.monotonic() < deadline:
                     self._scraped.wait(timeout=max(0.0, deadline - time.monotonic()))
         server, thread = self._server, self._thread
         self._server, self._thread = None, None

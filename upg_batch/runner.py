@@ -194,6 +194,7 @@ class _Loop:
                 self._check_timeouts()
                 self.progress.tick()
             self.stats.processing_s = time.monotonic() - t0
+            self._final_stats_poll()
             self._update_shard_gauges()
             return self.stats
         finally:
@@ -425,10 +426,22 @@ class _Loop:
                 slot.last_poll = now
                 slot.stats_ref = slot.handle.stats.remote()
 
+    def _final_stats_poll(self) -> None:
+        """One last stats() from every live actor, so the exported token counters end equal
+        to the committed totals (polls otherwise happen every poll_interval_s)."""
+        live = [s for s in self.slots if s.state == "ready"]
+        refs = [s.handle.stats.remote() for s in live]
+        for slot, ref in zip(live, refs):
+            try:
+                self.metrics.observe_engine_stats(slot.node, slot.key, ray.get(ref, timeout=10.0))
+            except Exception as e:  # a dying actor's last numbers are not worth failing the job
+                log.debug("final stats poll of %s failed: %s", slot.node, e)
+
     def _update_shard_gauges(self) -> None:
-        running = len(self.inflight)
+        # An actor runs the oldest call of its queue; the others wait their turn.
+        running = sum(1 for s in self.slots if s.state == "ready" and s.queue)
         self.metrics.set_shards(
-            pending=len(self.pending),
+            pending=len(self.pending) + max(0, len(self.inflight) - running),
             running=running,
             committed=len(self.committer.shards),
             failed=self.stats.failed,
