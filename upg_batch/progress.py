@@ -84,7 +84,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"job {s['status']}: {s['rows_ok']} rows ok, {s['rows_error']} rows in error "
         f"({s['rows_total']} rows in {s['shards_total']} shards; {s['shards_skipped']} shards already committed)",
         f"tokens: {s['prompt_tokens']} prompt, {s['completion_tokens']} completion; "
-        f"{s['tokens_per_s']:.1f} completion tok/s over {s['wall_s']:.1f}s wall",
+        f"{s['tokens_per_s']:.1f} completion tok/s over {s.get('processing_s', 0.0):.1f}s of generation "
+        f"({s['wall_s']:.1f}s wall with Ray start and model load)",
     ]
     for node, share in sorted(s.get("nodes", {}).items()):
         lines.append(
