@@ -91,20 +91,22 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// (token, probability) pairs that survive the filters, in descending probability (ties by
-/// token id), renormalized to sum to 1.
+/// (token, probability) pairs that survive the filters, renormalized to sum to 1: in
+/// descending probability (ties by token id) when top-k or top-p applied, else in token order.
+/// Sorting is confined to what a filter needs, so a 150k-token vocabulary costs O(vocab).
 pub fn filtered_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f64)> {
     let inv_t = 1.0 / p.temperature;
     if !inv_t.is_finite() {
         return vec![(argmax(logits), 1.0)];
     }
     let mut cand: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l as f64)).collect();
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if p.top_k > 0 && p.top_k < cand.len() {
+        cand.select_nth_unstable_by(p.top_k - 1, by_probability);
         cand.truncate(p.top_k);
+        cand.sort_by(by_probability);
     }
     // Scale after subtracting the maximum: exponents stay <= 0 however small the temperature.
-    let max = cand[0].1;
+    let max = cand.iter().map(|c| c.1).fold(f64::NEG_INFINITY, f64::max);
     let mut total = 0.0;
     for c in cand.iter_mut() {
         c.1 = ((c.1 - max) * inv_t).exp();
@@ -114,20 +116,10 @@ pub fn filtered_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f6
         c.1 /= total;
     }
     if p.top_p < 1.0 {
-        // Keep the smallest prefix whose mass reaches top_p.
-        let mut cum = 0.0;
-        let mut keep = cand.len();
-        for (i, c) in cand.iter().enumerate() {
-            cum += c.1;
-            if cum >= p.top_p {
-                keep = i + 1;
-                break;
-            }
-        }
-        cand.truncate(keep);
+        cand = top_p_prefix(cand, p.top_p);
     }
     if p.min_p > 0.0 {
-        let threshold = p.min_p * cand[0].1;
+        let threshold = p.min_p * cand.iter().map(|c| c.1).fold(0.0, f64::max);
         cand.retain(|c| c.1 >= threshold);
     }
     let total: f64 = cand.iter().map(|c| c.1).sum();
@@ -135,6 +127,34 @@ pub fn filtered_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f6
         c.1 /= total;
     }
     cand
+}
+
+fn by_probability(a: &(u32, f64), b: &(u32, f64)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// The smallest most-likely prefix whose mass reaches `top_p`, sorted. The prefix nearly
+/// always lies among the tokens within 1e-4 of the top probability, so those are sorted
+/// first; every other token is less likely than all of them, so when their mass suffices the
+/// prefix equals the one a full sort would give. Otherwise everything is sorted.
+fn top_p_prefix(cand: Vec<(u32, f64)>, top_p: f64) -> Vec<(u32, f64)> {
+    let max = cand.iter().map(|c| c.1).fold(0.0, f64::max);
+    for cutoff in [max * 1e-4, 0.0] {
+        let mut head: Vec<(u32, f64)> = cand.iter().copied().filter(|c| c.1 >= cutoff).collect();
+        head.sort_by(by_probability);
+        let mut cum = 0.0;
+        for (i, c) in head.iter().enumerate() {
+            cum += c.1;
+            if cum >= top_p {
+                head.truncate(i + 1);
+                return head;
+            }
+        }
+        if cutoff == 0.0 {
+            return head; // rounding left the total a hair below top_p: keep everything
+        }
+    }
+    unreachable!("the last cutoff keeps every token")
 }
 
 /// The token where the cumulative probability passes `u` in [0, 1).
@@ -177,6 +197,28 @@ mod tests {
         assert_eq!(ids(filtered_distribution(&logits, &params(1.0, 0, 1.0, 0.3))), vec![0, 1]);
         let d = filtered_distribution(&logits, &params(1.0, 0, 0.7, 0.0));
         assert!((d[0].1 - 2.0 / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn top_p_prefix_equals_the_full_sort_on_random_distributions() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for trial in 0..200 {
+            let n = 1 + trial * 37 % 3000;
+            let spread = [0.5f32, 3.0, 12.0][trial % 3];
+            let logits: Vec<f32> = (0..n).map(|_| rng.gen_range(-spread..spread)).collect();
+            let top_p = [0.1, 0.5, 0.9, 0.999, 0.99999][trial % 5];
+            let got = filtered_distribution(&logits, &params(1.0, 0, top_p, 0.0));
+            // Reference: sort everything, then take the prefix.
+            let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let mut all: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, (l as f64 - m).exp())).collect();
+            let z: f64 = all.iter().map(|c| c.1).sum();
+            all.iter_mut().for_each(|c| c.1 /= z);
+            all.sort_by(by_probability);
+            let mut cum = 0.0;
+            let keep = all.iter().position(|c| { cum += c.1; cum >= top_p }).map_or(all.len(), |i| i + 1);
+            let want: Vec<u32> = all[..keep].iter().map(|c| c.0).collect();
+            assert_eq!(got.iter().map(|c| c.0).collect::<Vec<_>>(), want, "trial {trial}: n {n}, top_p {top_p}");
+        }
     }
 
     #[test]
