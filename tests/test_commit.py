@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 from conftest import output_files, read_output
 
-from upg_batch.commit import MANIFEST, SUCCESS, Committer, OutputError
+import upg_batch.commit as commit_mod
+from upg_batch.commit import LOCK, MANIFEST, SUCCESS, Committer, OutputError
 
 FP = {"config": "c1", "model": "m1", "dataset": "d1", "job": "j1"}
 
@@ -32,7 +34,8 @@ def test_commit_then_finish_is_readable_and_recorded(tmp_path: Path):
     c.finish({"status": "complete"})
     c.close()
     out = tmp_path / "out"
-    assert output_files(out) == sorted([MANIFEST, SUCCESS, "part-000000.arrow", "part-000001.arrow"])
+    # the lock file stays (hidden from readers): deleting it could let two runs hold a lock
+    assert output_files(out) == sorted([LOCK, MANIFEST, SUCCESS, "part-000000.arrow", "part-000001.arrow"])
     assert sorted(read_output(out).column("id").to_pylist()) == [0, 1, 2]
     m = json.loads((out / MANIFEST).read_text())
     assert m["complete"] and set(m["shards"]) == {"0", "1"} and m["fingerprint"] == FP
@@ -74,7 +77,9 @@ def test_different_fingerprint_refused_unless_overwrite(tmp_path: Path):
     with pytest.raises(OutputError, match="different job \\(its dataset differs\\).*--overwrite"):
         Committer(out, other, 1, "arrow")
     c = Committer(out, other, 1, "arrow", overwrite=True)
-    assert not c.is_committed(0) and not (out / "part-000000.arrow").exists()
+    assert not c.is_committed(0)
+    c.begin()  # the old output goes once the run begins
+    assert not (out / "part-000000.arrow").exists()
     c.close()
 
 
@@ -108,3 +113,90 @@ def test_parquet_format(tmp_path: Path):
     _commit(c, 0, [5, 6])
     c.close()
     assert ds.dataset(str(tmp_path / "out"), format="parquet").to_table().column("id").to_pylist() == [5, 6]
+
+
+def test_the_lock_file_survives_close_so_two_runs_never_hold_different_files(tmp_path: Path):
+    import fcntl
+
+    out = tmp_path / "out"
+    first = Committer(out, FP, 1, "arrow")
+    first.begin()
+    # a second run opened the lock file while the first held it, and locks it once released
+    fd = os.open(out / LOCK, os.O_RDWR)
+    try:
+        first.close()
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # a third run must then be refused, not lock a fresh file of the same name
+        with pytest.raises(OutputError, match="another upg-batch run"):
+            Committer(out, FP, 1, "arrow")
+    finally:
+        os.close(fd)
+    Committer(out, FP, 1, "arrow").close()
+
+
+def test_a_lock_on_a_replaced_lock_file_is_not_trusted(tmp_path: Path, monkeypatch):
+    out = tmp_path / "out"
+    c = Committer(out, FP, 1, "arrow")
+    c.begin()
+    c.close()
+    real_flock = commit_mod.fcntl.flock
+    swapped = []
+
+    def flock_then_swap(fd, op):
+        real_flock(fd, op)
+        if not swapped:  # another process replaced the lock file between open and flock
+            swapped.append(True)
+            (out / LOCK).unlink()
+            (out / LOCK).write_bytes(b"")
+
+    monkeypatch.setattr(commit_mod.fcntl, "flock", flock_then_swap)
+    c = Committer(out, FP, 1, "arrow")
+    assert os.fstat(c._lock_fd).st_ino == (out / LOCK).stat().st_ino
+    monkeypatch.setattr(commit_mod.fcntl, "flock", real_flock)
+    with pytest.raises(OutputError, match="another upg-batch run"):
+        Committer(out, FP, 1, "arrow")
+    c.close()
+
+
+def test_overwrite_deletes_old_output_only_when_the_run_begins(tmp_path: Path):
+    out = tmp_path / "out"
+    c = Committer(out, FP, 1, "arrow")
+    _commit(c, 0, [0])
+    c.finish({"status": "complete"})
+    c.close()
+    before = {n: (out / n).read_bytes() for n in output_files(out)}
+    other = {**FP, "model": "m2", "job": "j2"}
+    # a run that fails a pre-flight check after opening the folder leaves it as it was
+    c = Committer(out, other, 1, "arrow", overwrite=True)
+    assert not c.is_committed(0)
+    c.close()
+    assert {n: (out / n).read_bytes() for n in output_files(out)} == before
+    c = Committer(out, other, 1, "arrow", overwrite=True)
+    c.begin()
+    assert output_files(out) == [LOCK, MANIFEST]
+    assert json.loads((out / MANIFEST).read_text())["fingerprint"] == other
+    c.close()
+
+
+def test_created_folders_are_fsynced_into_their_parents(tmp_path: Path, monkeypatch):
+    synced: list[Path] = []
+    real = commit_mod._fsync_dir
+    monkeypatch.setattr(commit_mod, "_fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
+    out = tmp_path / "a" / "b" / "out"
+    c = Committer(out, FP, 1, "arrow")
+    for d in (tmp_path, tmp_path / "a", tmp_path / "a" / "b"):
+        assert d in synced, (d, synced)
+    c.close()
+    assert not (tmp_path / "a").exists()  # never begun: every folder it created is gone again
+
+
+def test_running_totals_of_rows_and_failed_shards(tmp_path: Path):
+    out = tmp_path / "out"
+    c = Committer(out, FP, 3, "arrow")
+    _commit(c, 0, [0, 1])
+    c.commit(1, _batch([2, 3, 4]), {"ok": 0, "errors": 3, "failed": True})
+    assert (c.rows_committed, c.failed_shards) == (5, 1)
+    c.close()
+    c = Committer(out, FP, 3, "arrow")
+    assert (c.rows_committed, c.failed_shards) == (5, 1)
+    c.close()

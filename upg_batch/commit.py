@@ -59,6 +59,28 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _stat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """mkdir -p, fsyncing the parent of each folder created so the new entries survive a
+    power loss (G5). Returns the folders created, outermost first."""
+    missing: list[Path] = []
+    p = path.absolute()
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    missing.reverse()
+    for d in missing:
+        _fsync_dir(d.parent)
+    return missing
+
+
 def _ours(name: str) -> bool:
     """Files this runner writes into an output folder."""
     return bool(_PART.match(name)) or name in (MANIFEST, SUCCESS, LOCK) or name.startswith(TMP_PREFIX)
@@ -72,27 +94,51 @@ class Committer:
         self.fmt = fmt
         self.fingerprint = dict(fingerprint)
         self.total_shards = total_shards
-        # a folder this run created is removed again if the run ends before writing to it
-        self._created = not self.dir.exists()
         self._begun = False
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise OutputError(f"{self.dir}: another upg-batch run is writing into this folder") from None
+        # --overwrite: the old output is deleted in begin(), once every pre-flight check passed
+        self._replace = False
         self.shards: dict[int, dict[str, Any]] = {}
         self.runs = 0
+        self.rows_committed = 0  # rows of all recorded shards, kept as shards are committed
+        self.failed_shards = 0  # recorded shards that ended as error rows (failed: true)
+        # folders this run created (outermost first): removed again if the run ends before
+        # writing to them
+        self._created = _make_dirs(self.dir)
+        self._lock_fd = self._lock()
         try:
             self._open(overwrite)
         except BaseException:
             self.close()
             raise
 
+    def _lock(self) -> int:
+        """An exclusive flock on the lock file. The file is never deleted while the folder is
+        in use; should it be replaced anyway, the inode check sees that the lock taken is on
+        a file no longer in the folder, and locks the new one."""
+        path = self.dir / LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputError(f"{self.dir}: another upg-batch run is writing into this folder") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            held, now = os.fstat(fd), _stat_or_none(path)
+            if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+            os.close(fd)  # locked a file that was unlinked meanwhile: try the current one
+
     # -- opening: check, clean, resume -----------------------------------------------------
     def _open(self, overwrite: bool) -> None:
-        manifest = self._read_manifest()
+        try:
+            manifest = self._read_manifest()
+        except OutputError:
+            if not overwrite:
+                raise
+            manifest = None  # replaced anyway
         foreign = sorted(n for n in os.listdir(self.dir) if not _ours(n) and not n.startswith((".", "_")))
         if foreign:
             shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
@@ -113,14 +159,25 @@ class Committer:
                 raise OutputError(f"{self.dir}: holds part files but no {MANIFEST}; run with --overwrite to replace them")
         if overwrite:
             self.shards = {}
-            for n in os.listdir(self.dir):
-                if _ours(n) and n != LOCK:
-                    os.unlink(self.dir / n)
-        self._clean()
+            self._replace = True  # nothing is deleted before begin()
+        else:
+            self._clean()
+        self._recount()
+
+    def _recount(self) -> None:
+        self.rows_committed = sum(int(e["rows"]) for e in self.shards.values())
+        self.failed_shards = sum(1 for e in self.shards.values() if e.get("failed"))
 
     def begin(self) -> None:
         """Record this run (and the fingerprint) in the manifest: called once the job is about
-        to do work, so a job that fails its checks leaves the folder as it found it."""
+        to do work, so a job that fails its checks leaves the folder as it found it. With
+        --overwrite, this is where the previous output is deleted."""
+        if self._replace:
+            self._replace = False
+            for n in os.listdir(self.dir):
+                if _ours(n) and n != LOCK:
+                    os.unlink(self.dir / n)
+            _fsync_dir(self.dir)
         self.runs += 1
         self._begun = True
         self._write_manifest()
@@ -179,6 +236,8 @@ class Committer:
         os.replace(tmp, final)
         _fsync_dir(self.dir)
         self.shards[index] = {"file": name, "rows": batch.num_rows, "bytes": final.stat().st_size, **info}
+        self.rows_committed += batch.num_rows
+        self.failed_shards += bool(info.get("failed"))
         self._write_manifest()
         return time.perf_counter() - t0
 
@@ -203,13 +262,19 @@ class Committer:
         _write_atomic(self.dir / MANIFEST, json.dumps(data, separators=(",", ":")).encode())
 
     def close(self) -> None:
+        """Release the lock. The lock file stays (it is hidden from readers): deleting it
+        while held would let a later run lock a new file while another still holds the old
+        one. Only a folder this run created and never wrote to is removed again."""
         if self._lock_fd >= 0:
-            # unlink while still holding the lock, so no file is left behind
-            (self.dir / LOCK).unlink(missing_ok=True)
+            if self._created and not self._begun:
+                # nothing but the lock file is in it: remove it while still holding the lock
+                # (a run that opened the old file meanwhile sees the inode change in _lock)
+                (self.dir / LOCK).unlink(missing_ok=True)
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = -1
             if self._created and not self._begun:
-                try:
-                    self.dir.rmdir()
-                except OSError:  # not empty after all
-                    pass
+                for d in reversed(self._created):
+                    try:
+                        d.rmdir()
+                    except OSError:  # not empty after all
+                        break
