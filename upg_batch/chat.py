@@ -19,13 +19,18 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatTemplate", "MessagesError", "load_chat_template"]
+__all__ = ["ChatTemplate", "ChatTemplateError", "MessagesError", "load_chat_template"]
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
 class MessagesError(ValueError):
     """A row's messages are malformed or the template refused them."""
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template cannot be used: tokenizer_config.json is not valid JSON, or
+    the template does not compile. The message names the file and what is wrong."""
 
 
 class _Generation(Extension):
@@ -52,12 +57,16 @@ def _strftime_now(fmt: str) -> str:
 
 
 class ChatTemplate:
-    def __init__(self, source: str, special_tokens: dict[str, str]) -> None:
+    def __init__(self, source: str, special_tokens: dict[str, str], origin: str = "chat_template") -> None:
+        """origin: where `source` comes from, named in a ChatTemplateError."""
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, "jinja2.ext.loopcontrols"])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
-        self._template = env.from_string(source)
+        try:
+            self._template = env.from_string(source)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise ChatTemplateError(f"{origin}: the chat template has a syntax error at line {e.lineno}: {e.message}") from None
         self.special_tokens = dict(special_tokens)
 
     def render(self, messages: Any) -> str:
@@ -104,11 +113,24 @@ def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
     config: dict[str, Any] = {}
     cfg_path = model_dir / "tokenizer_config.json"
     if cfg_path.is_file():
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        try:
+            loaded = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ChatTemplateError(f"{cfg_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except ValueError as e:  # json.JSONDecodeError
+            raise ChatTemplateError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ChatTemplateError(f"{cfg_path}: not a JSON object (got {type(loaded).__name__})")
+        config = loaded
     source: Any = None
+    origin = f"{cfg_path} (chat_template)"
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.is_file():
-        source = jinja_file.read_text(encoding="utf-8")
+        origin = str(jinja_file)
+        try:
+            source = jinja_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ChatTemplateError(f"{jinja_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     else:
         source = config.get("chat_template")
         if isinstance(source, list):  # named templates: transformers uses "default"
@@ -117,4 +139,4 @@ def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
     if not isinstance(source, str) or not source:
         return None
     special = {k: t for k in _SPECIAL if (t := _token_text(config.get(k))) is not None}
-    return ChatTemplate(source, special)
+    return ChatTemplate(source, special, origin=origin)

@@ -19,6 +19,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from upg_batch.actor import test_hooks_from_env
+from upg_batch.chat import ChatTemplateError, load_chat_template
 from upg_batch.cluster import Slot, connect, kill_actor, node_alive, plan_slots, start_actor
 from upg_batch.commit import Committer
 from upg_batch.config import JobConfig
@@ -65,6 +66,15 @@ def check_model_dir(cfg: JobConfig) -> None:
         raise ModelError(f"model.path {p}: no config.json there (expected a Hugging Face model folder)")
 
 
+def check_chat_template(cfg: JobConfig) -> Any:
+    """The model's chat template, loaded on the driver before any work: a malformed
+    tokenizer_config.json or template is a bad job (ModelError naming the file)."""
+    try:
+        return load_chat_template(cfg.model.path)
+    except ChatTemplateError as e:
+        raise ModelError(f"model.path {cfg.model.path}: {e}") from None
+
+
 class Runner:
     def __init__(self, cfg: JobConfig, overwrite: bool = False, stream: TextIO | None = None) -> None:
         self.cfg = cfg
@@ -79,6 +89,7 @@ class Runner:
         t_start = time.monotonic()
         cfg = self.cfg
         check_model_dir(cfg)
+        check_chat_template(cfg)
         plan = self.plan = make_plan(cfg)
         fp = fingerprint(cfg, plan)
         committer = Committer(cfg.output.path, fp, len(plan.shards), cfg.output.format, overwrite=self.overwrite)

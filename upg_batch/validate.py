@@ -11,11 +11,10 @@ import collections
 from pathlib import Path
 from typing import Any
 
-from upg_batch.chat import load_chat_template
 from upg_batch.config import JobConfig
 from upg_batch.plan import make_plan
 from upg_batch.rows import Prompting, WorkSpec, output_schema, prepare_rows
-from upg_batch.runner import ModelError, check_model_dir
+from upg_batch.runner import ModelError, check_chat_template, check_model_dir
 
 __all__ = ["validate", "format_report"]
 
@@ -26,13 +25,13 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
     from upg_batch.engine import Engine, EngineError, SamplingParams
 
     check_model_dir(cfg)
+    template = check_chat_template(cfg)  # before loading the weights: the cheap check first
     plan = make_plan(cfg)
     m = cfg.model
     try:
         engine = Engine(m.path, backend=m.backend, weights=m.weights, threads=m.threads, max_batch=m.max_batch, context=m.context)
     except (EngineError, OSError, ValueError) as e:
         raise ModelError(f"model.path {m.path}: the model does not load ({e})") from None
-    template = load_chat_template(m.path)
     prompting = Prompting(engine, template)
     spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types))))
     kinds: collections.Counter[str] = collections.Counter()
