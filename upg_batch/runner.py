@@ -32,6 +32,10 @@ __all__ = ["JobError", "MetricsPortError", "ModelError", "Runner", "run_job"]
 
 log = logging.getLogger("upg_batch")
 
+# A shard whose result is lost (not charged to it) runs again at most this many times
+# cluster.max_attempts before its rows become error rows.
+LOST_FACTOR = 3
+
 
 class JobError(RuntimeError):
     """The job could not finish (every actor died, ...)."""
@@ -173,6 +177,8 @@ class _Loop:
         self.metrics = metrics
         self.pending = collections.deque(s.index for s in todo)
         self.failures: dict[int, int] = collections.Counter()
+        # results lost in transit (not the shard's fault, so not charged), bounded per shard
+        self.lost: dict[int, int] = collections.Counter()
         self.attempts: dict[int, int] = collections.Counter()
         self.inflight: dict[Any, tuple[Slot, int, int]] = {}  # ref -> (slot, shard, attempt)
         # Shards that may have killed an actor: each runs alone on its actor, so if it kills
@@ -180,7 +186,7 @@ class _Loop:
         self.suspects: set[int] = set()
         self.hooks = test_hooks_from_env()
         self.stats = _RunStats()
-        done_rows = sum(e["rows"] for e in committer.shards.values())
+        done_rows = committer.rows_committed
         pcfg = runner.cfg.progress
         self.progress = Progress(plan.total_rows, done_rows, pcfg.bar, pcfg.log_interval_s, runner.stream)
         self.metrics.set_rows(plan.total_rows, done_rows)
@@ -354,21 +360,29 @@ class _Loop:
         slot.last_poll = 0.0  # poll the engine's counters right after a shard
 
     def _after_rows(self) -> None:
-        done = sum(e["rows"] for e in self.committer.shards.values())
-        self.metrics.set_rows(self.plan.total_rows, done)
+        self.metrics.set_rows(self.plan.total_rows, self.committer.rows_committed)
 
     def _shard_failed(self, index: int, cause: str, charge: bool = True) -> None:
         """An attempt of shard `index` failed: try again, or after max_attempts commit its
-        rows as error rows naming the cause."""
+        rows as error rows naming the cause. An uncharged failure (its result was lost, not
+        its fault) is retried up to LOST_FACTOR x max_attempts times, then ends the same way."""
+        shard = self.plan.shards[index]
         if charge:
             self.failures[index] += 1
             self.suspects.add(index)
-        if self.failures[index] < self.cl.max_attempts:
-            log.warning("%s; shard %d goes back to the queue (attempt %d of %d failed)", cause, index, self.failures[index], self.cl.max_attempts)
+            over = self.failures[index] >= self.cl.max_attempts
+            message = f"shard {shard.name} failed {self.failures[index]} times; last cause: {cause}"
+        else:
+            self.lost[index] += 1
+            over = self.lost[index] >= LOST_FACTOR * self.cl.max_attempts
+            message = f"shard {shard.name}: its result was lost {self.lost[index]} times; last cause: {cause}"
+        if not over:
+            if charge:
+                log.warning("%s; shard %d goes back to the queue (attempt %d of %d failed)", cause, index, self.failures[index], self.cl.max_attempts)
+            else:
+                log.warning("%s; shard %d goes back to the queue (result lost %d times, at most %d)", cause, index, self.lost[index], LOST_FACTOR * self.cl.max_attempts)
             self.pending.appendleft(index)
             return
-        shard = self.plan.shards[index]
-        message = f"shard {shard.name} failed {self.failures[index]} times; last cause: {cause}"
         log.error("%s; its %d rows become error rows", message, shard.rows)
         batch = error_batch(shard, self.spec, message)
         seconds = self.committer.commit(index, batch, {"ok": 0, "errors": shard.rows, "node": None, "attempt": self.attempts[index], "failed": True})
@@ -440,22 +454,29 @@ class _Loop:
     def _final_stats_poll(self) -> None:
         """One last stats() from every live actor, so the exported token counters end equal
         to the committed totals (polls otherwise happen every poll_interval_s)."""
-        live = [s for s in self.slots if s.state == "ready"]
-        refs = [s.handle.stats.remote() for s in live]
-        for slot, ref in zip(live, refs):
+        live = {s.handle.stats.remote(): s for s in self.slots if s.state == "ready"}
+        if not live:
+            return
+        # one wait for all of them (10 s in all, not per actor); those not ready are skipped
+        ready, _ = ray.wait(list(live), num_returns=len(live), timeout=10.0)
+        for ref in ready:
+            slot = live[ref]
             try:
-                self.metrics.observe_engine_stats(slot.node, slot.key, ray.get(ref, timeout=10.0))
+                self.metrics.observe_engine_stats(slot.node, slot.key, ray.get(ref, timeout=1.0))
             except Exception as e:  # a dying actor's last numbers are not worth failing the job
                 log.debug("final stats poll of %s failed: %s", slot.node, e)
 
     def _update_shard_gauges(self) -> None:
         # An actor runs the oldest call of its queue; the others wait their turn.
+        # The states partition the shards: committed counts those that did not fail;
+        # failed counts every shard the manifest records as failed (earlier runs included).
         running = sum(1 for s in self.slots if s.state == "ready" and s.queue)
+        failed = self.committer.failed_shards
         self.metrics.set_shards(
             pending=len(self.pending) + max(0, len(self.inflight) - running),
             running=running,
-            committed=len(self.committer.shards),
-            failed=self.stats.failed,
+            committed=len(self.committer.shards) - failed,
+            failed=failed,
         )
 
 

@@ -1,0 +1,119 @@
+"""The driver's scheduling loop without Ray: failure bookkeeping, shard gauges, final poll."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from conftest import read_output, write_job, write_prompts
+
+import upg_batch.runner as runner_mod
+from upg_batch.commit import MANIFEST, Committer
+from upg_batch.config import load_config
+from upg_batch.fingerprint import fingerprint
+from upg_batch.plan import make_plan
+from upg_batch.rows import WorkSpec, output_schema
+from upg_batch.runner import LOST_FACTOR, Runner, _Loop
+
+
+class _Recorder:
+    """Stands in for JobMetrics: keeps the last value of each call."""
+
+    def __init__(self) -> None:
+        self.shards: dict[str, int] = {}
+        self.engine: list[tuple[str, str, dict]] = []
+
+    def set_shards(self, **states: int) -> None:
+        self.shards = states
+
+    def observe_engine_stats(self, node: str, key: str, stats: dict) -> None:
+        self.engine.append((node, key, stats))
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+def _loop(tmp_path: Path, rows: int = 24, **cluster: Any) -> tuple[_Loop, Committer, _Recorder]:
+    f = write_prompts(tmp_path / "d.parquet", rows)
+    cfg = load_config(write_job(tmp_path, f, tmp_path / "out", cluster=cluster))
+    plan = make_plan(cfg)
+    committer = Committer(cfg.output.path, fingerprint(cfg, plan), len(plan.shards), cfg.output.format)
+    todo = [s for s in plan.shards if not committer.is_committed(s.index)]
+    spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, []))
+    metrics = _Recorder()
+    return _Loop(Runner(cfg), plan, spec, committer, metrics, todo), committer, metrics
+
+
+def test_a_shard_whose_result_keeps_getting_lost_ends_as_error_rows(tmp_path: Path):
+    loop, committer, _ = _loop(tmp_path, max_attempts=2)
+    bound = LOST_FACTOR * 2
+    for n in range(1, bound):
+        loop.pending.clear()
+        loop._shard_failed(1, "shard result lost on n1: ObjectLostError: gone", charge=False)
+        assert list(loop.pending) == [1], n  # retried, not charged
+        assert loop.failures[1] == 0 and not committer.is_committed(1)
+    loop.pending.clear()
+    loop._shard_failed(1, "shard result lost on n1: ObjectLostError: gone", charge=False)
+    assert not loop.pending and committer.is_committed(1)
+    committer.close()
+    rows = [r for r in read_output(tmp_path / "out").to_pylist()]
+    assert sorted(r["id"] for r in rows) == list(range(8, 16))
+    assert all(r["finish_reason"] == "error" and f"result was lost {bound} times" in r["error"] and "ObjectLostError" in r["error"] for r in rows)
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["shards"]["1"]["failed"]
+
+
+def _ok_commit(committer: Committer, loop: _Loop, index: int) -> None:
+    from upg_batch.rows import error_batch
+
+    batch = error_batch(loop.plan.shards[index], loop.spec, "stand-in")
+    committer.commit(index, batch, {"ok": batch.num_rows, "errors": 0})
+
+
+def test_shard_gauges_partition_the_shards_across_resumes(tmp_path: Path):
+    loop, committer, metrics = _loop(tmp_path, max_attempts=1)
+    _ok_commit(committer, loop, 0)
+    loop.pending.remove(0)
+    loop.pending.remove(1)
+    loop._shard_failed(1, "boom")  # max_attempts 1: shard 1 ends as error rows
+    loop._update_shard_gauges()
+    assert metrics.shards == {"pending": 1, "running": 0, "committed": 1, "failed": 1}
+    committer.close()
+    # resumed: the shard that failed in the earlier run still counts as failed, once
+    loop, committer, metrics = _loop(tmp_path, max_attempts=1)
+    loop._update_shard_gauges()
+    assert metrics.shards == {"pending": 1, "running": 0, "committed": 1, "failed": 1}
+    assert sum(metrics.shards.values()) == len(loop.plan.shards)
+    committer.close()
+
+
+def test_final_stats_poll_waits_once_for_all_actors(tmp_path: Path, monkeypatch):
+    loop, committer, metrics = _loop(tmp_path)
+    committer.close()
+
+    def slot(name: str) -> Any:
+        return SimpleNamespace(state="ready", node=name, key=f"{name}-0", handle=SimpleNamespace(stats=SimpleNamespace(remote=lambda: name)))
+
+    loop.slots = [slot("hung"), slot("fine"), SimpleNamespace(state="dead")]
+    waits: list[tuple] = []
+
+    def fake_wait(refs, num_returns=1, timeout=None):
+        waits.append((list(refs), num_returns, timeout))
+        return [r for r in refs if r != "hung"], [r for r in refs if r == "hung"]
+
+    def fake_get(ref, timeout=None):
+        if ref == "hung":  # a hung actor: a get on it would block for the whole timeout
+            time.sleep(timeout or 0)
+            raise runner_mod.GetTimeoutError("hung")
+        return {"generation_tokens_total": 5}
+
+    monkeypatch.setattr(runner_mod.ray, "wait", fake_wait)
+    monkeypatch.setattr(runner_mod.ray, "get", fake_get)
+    t0 = time.monotonic()
+    loop._final_stats_poll()
+    assert time.monotonic() - t0 < 2
+    assert waits == [(["hung", "fine"], 2, pytest.approx(10.0))]
+    assert [(n, k) for n, k, _ in metrics.engine] == [("fine", "fine-0")]
