@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 from pathlib import Path
 
-from conftest import MODEL, write_job, write_prompts
+import pyarrow as pa
+from conftest import MODEL, MSG_TYPE, write_job, write_prompts
 
 from upg_batch.chat import load_chat_template
+from upg_batch.cli import main
 from upg_batch.config import load_config
 from upg_batch.engine import Engine, EngineError, SamplingParams
 from upg_batch.plan import make_plan
 from upg_batch.progress import Progress, format_summary
-from upg_batch.rows import Prompting, WorkSpec, derive_seed, output_schema, run_rows
+from upg_batch.rows import Prompting, WorkSpec, derive_seed, output_schema, prepare_rows, run_rows
 
 
 def test_derived_seeds_are_stable_and_distinct():
@@ -87,3 +90,70 @@ def test_summary_names_each_node_share():
     })
     assert "9 rows ok, 1 rows in error" in text and "40.0 completion tok/s" in text
     assert "node 10.0.0.1-aaaaaaaa: 1 shards, 6 rows, 50 tokens (60.0% of rows)" in text
+
+
+def _bad_utf8(values: list) -> pa.Array:
+    """A string array whose values are the given bytes, valid UTF-8 or not."""
+    return pa.array(values, pa.binary()).view(pa.string())
+
+
+def _spec_and_shard(tmp_path: Path, f: Path, **sections):
+    cfg = load_config(write_job(tmp_path, f, input={"shard_rows": 8}, **sections))
+    plan = make_plan(cfg)
+    return plan.shards[0], WorkSpec(cfg, plan.columns, output_schema(plan.id_type, []))
+
+
+def test_an_undecodable_prompt_or_messages_value_is_one_error_row(tmp_path: Path):
+    content = _bad_utf8([b"hi", b"bad \xff\xfe here"])
+    msgs = pa.ListArray.from_arrays(
+        pa.array([0, 0, 0, 0, 1, 2], pa.int32()),
+        pa.StructArray.from_arrays([pa.array(["user", "user"]), content], names=["role", "content"]),
+        mask=pa.array([True, True, True, False, False]),  # rows 0-2 use their prompt
+    )
+    assert msgs.type == MSG_TYPE
+    prompts = _bad_utf8([b"Row 0: fine", b"\xff\xfe not utf-8", b"Row 2: fine", None, None])
+    f = write_prompts(tmp_path / "d.parquet", 5, prompt=prompts, messages=msgs)
+    shard, spec = _spec_and_shard(tmp_path, f)
+    engine = Engine(MODEL, max_batch=8)
+    result = run_rows(engine, Prompting(engine, load_chat_template(MODEL)), shard, spec, SamplingParams)
+    rows = result.batch.to_pylist()
+    assert [r["id"] for r in rows] == [0, 1, 2, 3, 4]
+    for i in (1, 4):
+        assert rows[i]["finish_reason"] == "error" and "is not valid UTF-8" in rows[i]["error"], rows[i]
+    assert "prompt is not valid UTF-8" in rows[1]["error"] and "messages is not valid UTF-8" in rows[4]["error"]
+    assert all(rows[i]["error"] is None and rows[i]["completion"] is not None for i in (0, 2, 3)), rows
+    assert result.ok == 3 and result.errors == 2
+
+
+def test_validate_reports_undecodable_rows(tmp_path: Path, capsys):
+    f = write_prompts(tmp_path / "d.parquet", 3, prompt=_bad_utf8([b"fine", b"\xc3\x28", b"also fine"]))
+    job = write_job(tmp_path, f, tmp_path / "out")
+    assert main(["validate", "--json", str(job)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["error_rows"] == 1 and report["error_kinds"] == {"undecodable": 1}
+    assert report["examples"][0]["id"] == 1 and "not valid UTF-8" in report["examples"][0]["error"]
+
+
+class _TokenizeFails:
+    """A real engine whose tokenize raises EngineError on one text."""
+
+    def __init__(self, engine: Engine, bad: str) -> None:
+        self.engine, self.bad = engine, bad
+        self.info = engine.info
+
+    def tokenize(self, text: str) -> list[int]:
+        if text == self.bad:
+            raise EngineError("tokenizer refused this text")
+        return self.engine.tokenize(text)
+
+    def generate(self, prompts, params):
+        return self.engine.generate(prompts, params)
+
+
+def test_an_engine_error_from_tokenize_is_one_error_row(tmp_path: Path):
+    f = write_prompts(tmp_path / "d.parquet", 4)
+    shard, spec = _spec_and_shard(tmp_path, f)
+    engine = _TokenizeFails(Engine(MODEL, max_batch=8), "Row 1: tell me about the number 1.")
+    prep = prepare_rows(engine, Prompting(engine, None), shard, spec, SamplingParams)
+    assert prep.error[1] == "EngineError: tokenizer refused this text" and prep.kind[1] == "tokenize"
+    assert [i for i, _, _ in prep.todo] == [0, 2, 3]

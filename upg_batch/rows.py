@@ -140,6 +140,33 @@ def _params_for(row: dict[str, Any], row_id: Any, cfg: JobConfig, sampling_cls: 
     return sampling_cls(**values)
 
 
+class _Undecodable:
+    """A value that could not be read as a Python object (invalid UTF-8 in a string)."""
+
+    def __init__(self, column: str, error: Exception) -> None:
+        self.message = f"{column} is not valid UTF-8 ({error})"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _values(arr: Any, column: str) -> list[Any]:
+    """A column's values as Python objects. Should one hold bytes that are not UTF-8, every
+    row is decoded on its own, and the bad ones become _Undecodable (error rows), so one
+    bad value does not fail the shard."""
+    try:
+        return arr.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    out: list[Any] = []
+    for scalar in arr:
+        try:
+            out.append(scalar.as_py())
+        except UnicodeDecodeError as e:
+            out.append(_Undecodable(column, e))
+    return out
+
+
 @dataclass
 class Prepared:
     """A shard's rows checked and tokenized, ready to generate."""
@@ -148,7 +175,7 @@ class Prepared:
     ids: pa.Array
     todo: list[tuple[int, list[int], Any]]  # (row, prompt ids, SamplingParams)
     error: list[Any]  # per row: None or why the row is an error row
-    kind: list[Any]  # per row: None or "null", "empty", "messages", "too_long", "sampling"
+    kind: list[Any]  # per row: None or "undecodable", "null", "empty", "messages", "tokenize", "too_long", "sampling"
     prompt_tokens: list[int]
 
 
@@ -159,10 +186,10 @@ def prepare_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec
     names = set(table.column_names)
     n = shard.rows
     ids = _row_ids(shard, table, spec)
-    id_values = ids.to_pylist()
+    id_values = _values(ids, "id")
 
     def col(name: str | None) -> list[Any]:
-        return table.column(name).to_pylist() if name is not None and name in names else [None] * n
+        return _values(table.column(name), name) if name is not None and name in names else [None] * n
 
     prompts_in, messages_in = col(cols_in.prompt), col(cols_in.messages)
     overrides = {c: col(c) for c in cols_in.overrides}
@@ -170,6 +197,11 @@ def prepare_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec
     for i in range(n):
         kind = "null"
         try:
+            kind = "undecodable"
+            for value in (id_values[i], messages_in[i], prompts_in[i], *(v[i] for v in overrides.values())):
+                if isinstance(value, _Undecodable):
+                    raise ValueError(str(value))
+            kind = "null"
             if messages_in[i] is not None:
                 kind = "messages"
                 ids_i = prompting.chat_ids(messages_in[i])
@@ -179,6 +211,7 @@ def prepare_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec
                 kind = "empty"
                 raise ValueError(f"{cols_in.prompt} is empty")
             else:
+                kind = "tokenize"
                 ids_i = list(engine.tokenize(prompts_in[i]))
             if not ids_i:
                 kind = "empty"
@@ -191,8 +224,11 @@ def prepare_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec
                 )
             kind = "sampling"
             params = _params_for({c: v[i] for c, v in overrides.items()}, id_values[i], spec.cfg, sampling_cls)
-        except (ValueError, TypeError) as e:  # MessagesError is a ValueError
+        except (ValueError, TypeError) as e:  # the row's own fault; MessagesError is a ValueError
             prep.error[i], prep.kind[i] = str(e), kind
+            continue
+        except Exception as e:  # e.g. an EngineError from tokenize: still only this row's
+            prep.error[i], prep.kind[i] = f"{type(e).__name__}: {e}", kind
             continue
         prep.todo.append((i, ids_i, params))
     return prep

@@ -2,7 +2,8 @@
 
 Loads the model on this machine (proving it loads), then reads the dataset shard by shard
 (memory bounded by one shard) and tokenizes every prompt, counting rows that would become
-error rows: too long for the context, null or empty, malformed messages, bad overrides.
+error rows: too long for the context, null or empty, not valid UTF-8, malformed messages,
+bad overrides.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import collections
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from upg_batch.config import JobConfig
 from upg_batch.plan import make_plan
@@ -45,7 +48,7 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
                 continue
             kinds[kind] += 1
             if len(examples) < _EXAMPLES:
-                examples.append({"id": prep.ids[i].as_py(), "kind": kind, "error": prep.error[i]})
+                examples.append({"id": _id_text(prep.ids, i), "kind": kind, "error": prep.error[i]})
     info = engine.info
     return {
         "config": "ok",
@@ -59,6 +62,13 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
         "too_long": kinds.get("too_long", 0),
         "examples": examples,
     }
+
+
+def _id_text(ids: Any, i: int) -> Any:
+    try:
+        return ids[i].as_py()
+    except UnicodeDecodeError:  # an id that is not UTF-8: shown with the bad bytes replaced
+        return ids[i].cast(pa.binary()).as_py().decode("utf-8", "replace")
 
 
 def format_report(r: dict[str, Any]) -> str:
