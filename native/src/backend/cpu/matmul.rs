@@ -7,9 +7,41 @@
 //! Threads split the output rows, never the reduction. A row of `x` therefore gets
 //! bit-identical results alone or in any batch.
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 
 use crate::model::weights::WeightView;
+
+/// Calls `$kernel::<R, B>(args...)` for a run-time tile shape (R <= 4, B <= 4).
+macro_rules! dispatch {
+($kernel:ident, $nr:expr, $nb:expr, $($arg:expr),*) => {
+    match ($nr, $nb) {
+        (1, 1) => $kernel::<1, 1>($($arg),*),
+        (1, 2) => $kernel::<1, 2>($($arg),*),
+        (1, 3) => $kernel::<1, 3>($($arg),*),
+        (1, 4) => $kernel::<1, 4>($($arg),*),
+        (2, 1) => $kernel::<2, 1>($($arg),*),
+        (2, 2) => $kernel::<2, 2>($($arg),*),
+        (2, 3) => $kernel::<2, 3>($($arg),*),
+        (2, 4) => $kernel::<2, 4>($($arg),*),
+        (3, 1) => $kernel::<3, 1>($($arg),*),
+        (3, 2) => $kernel::<3, 2>($($arg),*),
+        (3, 3) => $kernel::<3, 3>($($arg),*),
+        (3, 4) => $kernel::<3, 4>($($arg),*),
+        (4, 1) => $kernel::<4, 1>($($arg),*),
+        (4, 2) => $kernel::<4, 2>($($arg),*),
+        (4, 3) => $kernel::<4, 3>($($arg),*),
+        (4, 4) => $kernel::<4, 4>($($arg),*),
+        _ => unreachable!("tile {}x{} out of range", $nr, $nb),
+    }
+};
+}
+
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod portable;
 
 /// Register tile for batches: 3 weight rows x 4 x rows (12 accumulators + 3 weight vectors
 /// + 1 x vector fill the 16 AVX registers). Fewer weight rows per tile means fewer f16/bf16
@@ -18,6 +50,9 @@ const TILE_ROWS: usize = 3;
 const TILE_BATCH: usize = 4;
 /// Register tile at batch 1 (memory-bound): 4 independent rows keep loads in flight.
 const TILE_ROWS_SINGLE: usize = 4;
+/// Portable tile: 4 x 2 accumulators of 8 lanes (16 NEON registers) + 4 weight chunks.
+const PORTABLE_TILE_ROWS: usize = 4;
+const PORTABLE_TILE_BATCH: usize = 2;
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// Most output rows per task: small tasks even out uneven cores.
@@ -31,6 +66,10 @@ unsafe impl Sync for OutPtr {}
 
 /// out (batch, rows) = x (batch, cols) @ W^T with W (rows, cols). Uses the current rayon pool.
 pub fn matmul(w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, out: &mut [f32]) {
+    matmul_using(simd(), w, rows, cols, x, batch, out)
+}
+
+fn matmul_using(kernels: Simd, w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, out: &mut [f32]) {
     assert_eq!(x.len(), batch * cols, "x must be (batch, cols)");
     assert_eq!(out.len(), batch * rows, "out must be (batch, rows)");
     assert_eq!(weight_len(w), rows * cols, "W must be (rows, cols)");
@@ -41,7 +80,7 @@ pub fn matmul(w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usi
     let threads = rayon::current_num_threads().max(1);
     if threads == 1 || rows * cols * batch < PARALLEL_MIN_WORK {
         // SAFETY: the one task covers all rows of a correctly sized output.
-        unsafe { row_range(w, rows, cols, x, batch, 0, rows, ptr) };
+        unsafe { row_range(kernels, w, rows, cols, x, batch, 0, rows, ptr) };
         return;
     }
     // Several chunks per thread so uneven cores even out; chunks are whole tiles.
@@ -50,7 +89,7 @@ pub fn matmul(w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usi
         let start = c * chunk;
         let end = (start + chunk).min(rows);
         // SAFETY: chunks are disjoint row ranges within bounds.
-        unsafe { row_range(w, rows, cols, x, batch, start, end, ptr) };
+        unsafe { row_range(kernels, w, rows, cols, x, batch, start, end, ptr) };
     });
 }
 
@@ -62,51 +101,47 @@ fn weight_len(w: WeightView<'_>) -> usize {
     }
 }
 
-/// Output rows `start..end` for every batch row.
-unsafe fn row_range(w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, start: usize, end: usize, out: OutPtr) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        let tile_rows = if batch == 1 { TILE_ROWS_SINGLE } else { TILE_ROWS };
-        let mut r = start;
-        while r < end {
-            let nr = (end - r).min(tile_rows);
-            let mut b = 0;
-            while b < batch {
-                let nb = (batch - b).min(TILE_BATCH);
-                avx2::tile(w, r, cols, x.as_ptr().add(b * cols), nr, nb, out.0.add(b * rows + r), rows);
-                b += nb;
-            }
-            r += nr;
+/// Output rows `start..end` for every batch row, tile by tile.
+unsafe fn row_range(kernels: Simd, w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, start: usize, end: usize, out: OutPtr) {
+    type Tile = unsafe fn(WeightView<'_>, usize, usize, *const f32, usize, usize, *mut f32, usize);
+    let (tile, tile_rows, tile_batch): (Tile, usize, usize) = match kernels {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => (avx2::tile, if batch == 1 { TILE_ROWS_SINGLE } else { TILE_ROWS }, TILE_BATCH),
+        Simd::Portable => (portable::tile, PORTABLE_TILE_ROWS, PORTABLE_TILE_BATCH),
+    };
+    let mut r = start;
+    while r < end {
+        let nr = (end - r).min(tile_rows);
+        let mut b = 0;
+        while b < batch {
+            let nb = (batch - b).min(tile_batch);
+            tile(w, r, cols, x.as_ptr().add(b * cols), nr, nb, out.0.add(b * rows + r), rows);
+            b += nb;
         }
-        return;
-    }
-    for r in start..end {
-        for b in 0..batch {
-            *out.0.add(b * rows + r) = portable_dot(w, r * cols, &x[b * cols..(b + 1) * cols]);
-        }
+        r += nr;
     }
 }
 
-/// The same reduction shape as the SIMD path, in plain Rust: eight lanes over k in steps of
-/// 8, a pairwise lane sum, then the tail in order.
-fn portable_dot(w: WeightView<'_>, offset: usize, x: &[f32]) -> f32 {
-    let n = x.len();
-    let n8 = n / 8 * 8;
-    let mut lanes = [0f32; 8];
-    let mut buf = [0f32; 8];
-    for k in (0..n8).step_by(8) {
-        w.copy_to_f32(offset + k, &mut buf);
-        for l in 0..8 {
-            lanes[l] += buf[l] * x[k + l];
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+/// The kernel family for this process: AVX2 where the processor has it, unless
+/// `UPG_BATCH_SIMD=portable` asks for the plain-Rust kernels (to test or compare them).
+fn simd() -> Simd {
+    static CHOICE: OnceLock<Simd> = OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        let forced = std::env::var("UPG_BATCH_SIMD").map(|v| v == "portable").unwrap_or(false);
+        #[cfg(target_arch = "x86_64")]
+        if !forced && avx2::available() {
+            return Simd::Avx2;
         }
-    }
-    let quad = [lanes[0] + lanes[4], lanes[1] + lanes[5], lanes[2] + lanes[6], lanes[3] + lanes[7]];
-    let pair = [quad[0] + quad[2], quad[1] + quad[3]];
-    let mut s = pair[0] + pair[1];
-    for k in n8..n {
-        s += w.get(offset + k) * x[k];
-    }
-    s
+        let _ = forced;
+        Simd::Portable
+    })
 }
 
 /// Plain reference: out (batch, rows) in f64 accumulation, for tests and checks.
@@ -122,153 +157,6 @@ pub fn matmul_reference(w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], 
         }
     }
     out
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-    use std::sync::OnceLock;
-
-    use half::{bf16, f16};
-
-    use super::WeightView;
-
-    pub fn available() -> bool {
-        static AVAILABLE: OnceLock<bool> = OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-        })
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn load_f32(p: *const f32) -> __m256 {
-        _mm256_loadu_ps(p)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn load_f16(p: *const f16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn load_bf16(p: *const bf16) -> __m256 {
-        // bf16 is the top half of an f32: widen to 32 bits and shift into place.
-        let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
-    }
-
-    /// Fixed-order horizontal sum: (lo + hi) lanes, then pairs, then the last two.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-        let one = _mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair));
-        _mm_cvtss_f32(one)
-    }
-
-    macro_rules! tile_kernel {
-        ($name:ident, $t:ty, $load:ident) => {
-            /// out[b * ldo + r] = W[row0 + r] . x[b] for r < R, b < B.
-            #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $name<const R: usize, const B: usize>(
-                w: *const $t,
-                cols: usize,
-                x: *const f32,
-                out: *mut f32,
-                ldo: usize,
-            ) {
-                let mut acc = [[_mm256_setzero_ps(); B]; R];
-                let n8 = cols / 8 * 8;
-                let mut k = 0;
-                while k < n8 {
-                    let mut wv = [_mm256_setzero_ps(); R];
-                    for r in 0..R {
-                        wv[r] = $load(w.add(r * cols + k));
-                    }
-                    for b in 0..B {
-                        let xv = _mm256_loadu_ps(x.add(b * cols + k));
-                        for r in 0..R {
-                            acc[r][b] = _mm256_fmadd_ps(wv[r], xv, acc[r][b]);
-                        }
-                    }
-                    k += 8;
-                }
-                for r in 0..R {
-                    for b in 0..B {
-                        let mut s = hsum(acc[r][b]);
-                        for kk in n8..cols {
-                            s += (*w.add(r * cols + kk)).to_f32_value() * *x.add(b * cols + kk);
-                        }
-                        *out.add(b * ldo + r) = s;
-                    }
-                }
-            }
-        };
-    }
-
-    trait ToF32 {
-        fn to_f32_value(self) -> f32;
-    }
-    impl ToF32 for f32 {
-        #[inline(always)]
-        fn to_f32_value(self) -> f32 {
-            self
-        }
-    }
-    impl ToF32 for f16 {
-        #[inline(always)]
-        fn to_f32_value(self) -> f32 {
-            self.to_f32()
-        }
-    }
-    impl ToF32 for bf16 {
-        #[inline(always)]
-        fn to_f32_value(self) -> f32 {
-            self.to_f32()
-        }
-    }
-
-    tile_kernel!(tile_f32, f32, load_f32);
-    tile_kernel!(tile_f16, f16, load_f16);
-    tile_kernel!(tile_bf16, bf16, load_bf16);
-
-    /// Calls `$kernel::<R, B>(args...)` for a run-time tile shape (R <= 4, B <= 4).
-    macro_rules! dispatch {
-        ($kernel:ident, $nr:expr, $nb:expr, $($arg:expr),*) => {
-            match ($nr, $nb) {
-                (1, 1) => $kernel::<1, 1>($($arg),*),
-                (1, 2) => $kernel::<1, 2>($($arg),*),
-                (1, 3) => $kernel::<1, 3>($($arg),*),
-                (1, 4) => $kernel::<1, 4>($($arg),*),
-                (2, 1) => $kernel::<2, 1>($($arg),*),
-                (2, 2) => $kernel::<2, 2>($($arg),*),
-                (2, 3) => $kernel::<2, 3>($($arg),*),
-                (2, 4) => $kernel::<2, 4>($($arg),*),
-                (3, 1) => $kernel::<3, 1>($($arg),*),
-                (3, 2) => $kernel::<3, 2>($($arg),*),
-                (3, 3) => $kernel::<3, 3>($($arg),*),
-                (3, 4) => $kernel::<3, 4>($($arg),*),
-                (4, 1) => $kernel::<4, 1>($($arg),*),
-                (4, 2) => $kernel::<4, 2>($($arg),*),
-                (4, 3) => $kernel::<4, 3>($($arg),*),
-                (4, 4) => $kernel::<4, 4>($($arg),*),
-                _ => unreachable!("tile {}x{} out of range", $nr, $nb),
-            }
-        };
-    }
-
-    /// One register tile: weight rows row0..row0+nr against x rows (nb of them, stride cols).
-    pub unsafe fn tile(w: WeightView<'_>, row0: usize, cols: usize, x: *const f32, nr: usize, nb: usize, out: *mut f32, ldo: usize) {
-        match w {
-            WeightView::F32(d) => dispatch!(tile_f32, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
-            WeightView::F16(d) => dispatch!(tile_f16, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
-            WeightView::Bf16(d) => dispatch!(tile_bf16, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -332,24 +220,35 @@ mod tests {
     }
 
     #[test]
-    fn portable_path_matches_reference() {
+    fn portable_kernels_match_reference_and_are_batch_invariant() {
+        let (rows, cols) = (37, 203);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        let (rows, cols) = (9, 45);
-        let w = random(rows * cols, &mut rng);
-        let x = random(cols, &mut rng);
-        let reference = matmul_reference(WeightView::F32(&w), rows, cols, &x, 1);
-        for r in 0..rows {
-            let got = portable_dot(WeightView::F32(&w), r * cols, &x);
-            assert!((got - reference[r]).abs() < 1e-5, "row {r}: {got} vs {}", reference[r]);
+        let w32 = random(rows * cols, &mut rng);
+        let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
+        let wb16: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
+        let x = random(7 * cols, &mut rng);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for w in [WeightView::F32(&w32), WeightView::F16(&w16), WeightView::Bf16(&wb16)] {
+            let mut batched = vec![0f32; 7 * rows];
+            pool.install(|| matmul_using(Simd::Portable, w, rows, cols, &x, 7, &mut batched));
+            let reference = matmul_reference(w, rows, cols, &x, 7);
+            for (i, (a, b)) in batched.iter().zip(&reference).enumerate() {
+                assert!((a - b).abs() < 1e-4, "element {i}: {a} vs reference {b}");
+            }
+            for b in 0..7 {
+                let mut alone = vec![0f32; rows];
+                matmul_using(Simd::Portable, w, rows, cols, &x[b * cols..(b + 1) * cols], 1, &mut alone);
+                assert!(alone.iter().zip(&batched[b * rows..(b + 1) * rows]).all(|(p, q)| p.to_bits() == q.to_bits()), "row {b}");
+            }
         }
     }
 }
 
-/// Which matrix-product path this processor runs.
+/// Which matrix-product path this process runs.
 pub fn simd_name() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        return "avx2+fma+f16c";
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => "avx2+fma+f16c",
+        Simd::Portable => "portable",
     }
-    "portable"
 }
