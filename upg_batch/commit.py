@@ -146,7 +146,7 @@ class Committer:
         if manifest is not None and not overwrite:
             old = manifest.get("fingerprint", {})
             if old.get("job") != self.fingerprint["job"]:
-                differ = [k for k in ("config", "model", "dataset") if old.get(k) != self.fingerprint.get(k)]
+                differ = [k for k in ("config", "model", "dataset", "version") if old.get(k) != self.fingerprint.get(k)]
                 raise OutputError(
                     f"{self.dir}: holds output of a different job (its {', '.join(differ) or 'fingerprint'} differs); "
                     "run with --overwrite to replace it, or choose another output.path"

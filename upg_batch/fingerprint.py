@@ -1,8 +1,13 @@
 """Fingerprints of what determines a job's output: config, model and dataset.
 
-Cheap by design: the model's small JSON files are hashed whole, weight files only by size
-and header (safetensors) or first and last bytes (other formats); Parquet files by size and
-footer (schema, row groups, statistics). Nothing reads the weights or the data.
+Cheap by design: the model's small JSON files are hashed whole, weight files by size,
+modification time (st_mtime_ns) and header (safetensors) or first and last bytes (other
+formats); Parquet files by size and footer (schema, row groups, statistics). Nothing reads the
+weights or the data. The modification time stands in for the weight contents: a weight file
+rewritten in place (same size, same header) changes it; so does merely touching or copying it
+without preserving times, which makes a resume refuse the folder (safe, if cautious). The
+upg-batch version is part of the fingerprint too, so a new engine never silently resumes
+output of an old one.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ def _digest(obj: Any) -> str:
 
 
 def _weight_signature(path: Path) -> dict[str, Any]:
-    size = path.stat().st_size
+    st = path.stat()
+    size = st.st_size
     h = hashlib.sha256()
     with open(path, "rb") as f:
         head = f.read(8)
@@ -55,7 +61,7 @@ def _weight_signature(path: Path) -> dict[str, Any]:
             if size > _EDGE:
                 f.seek(max(_EDGE, size - _EDGE))
                 h.update(f.read(_EDGE))
-    return {"size": size, "sha256": h.hexdigest()}
+    return {"size": size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
 
 
 def model_fingerprint(model_dir: Path) -> dict[str, Any]:
@@ -84,11 +90,14 @@ def dataset_fingerprint(plan: Plan) -> list[Any]:
 
 
 def fingerprint(cfg: JobConfig, plan: Plan) -> dict[str, str]:
-    """Digests of config, model and dataset, and one over all three."""
+    """Digests of config, model and dataset, the upg-batch version, and one over all of them."""
+    from upg_batch import __version__
+
     parts = {
         "config": _digest(config_fields(cfg)),
         "model": _digest(model_fingerprint(Path(cfg.model.path))),
         "dataset": _digest(dataset_fingerprint(plan)),
+        "version": __version__,
     }
     parts["job"] = _digest(parts)
     return parts
