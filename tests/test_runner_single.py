@@ -238,3 +238,23 @@ def test_a_taken_metrics_port_is_a_bad_job(tmp_path: Path, capsys):
         assert main(["run", str(job)]) == 2
     assert f"metrics.port {port}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_with_a_model_that_does_not_load_keeps_the_old_output(tmp_path: Path, capsys):
+    import shutil
+
+    from conftest import MODEL
+
+    f = write_prompts(tmp_path / "d.parquet", 4)
+    out = tmp_path / "out"
+    assert main(["run", str(write_job(tmp_path, f, out))]) == 0
+    before = {n: (out / n).read_bytes() for n in output_files(out)}
+    bad = tmp_path / "model"
+    shutil.copytree(MODEL, bad)
+    (bad / "model.safetensors").write_bytes(b"\xff" * 64)
+    capsys.readouterr()
+    assert main(["run", "--overwrite", str(write_job(tmp_path, f, out, model={"path": str(bad)}))]) == 2
+    assert "does not load" in capsys.readouterr().err
+    # the failed run deleted nothing: the old results are still whole and complete
+    assert {n: (out / n).read_bytes() for n in output_files(out)} == before
+    assert sorted(read_output(out).column("id").to_pylist()) == [0, 1, 2, 3]
