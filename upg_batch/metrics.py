@@ -67,8 +67,9 @@ class JobMetrics:
     port 0 or None: no HTTP server; every method still works (values are kept, not served).
     host: the address to bind; loopback by default, because the endpoint is unauthenticated.
     max_nodes: distinct `node` label values; further nodes share OVERFLOW_NODE.
-    linger_s: at stop(), if a scraper has been reading the endpoint, keep serving until it has
-      read the final values (one more scrape), waiting at most this long.
+    linger_s: at stop(), if a scraper has been reading the endpoint (two scrapes seen), keep
+      serving until two more scrapes read the final values, waiting at most 3x the span of
+      the last recorded scrapes + 1 s, and never longer than this.
     """
 
     def __init__(
@@ -145,7 +146,9 @@ class JobMetrics:
 
         A batch job's last values would otherwise never reach Prometheus when the job ends
         between two scrapes: if something scrapes the endpoint regularly (two scrapes seen),
-        stop() first waits for two more scrapes (up to three scrape intervals, at most `linger_s`).
+        stop() first waits for two more scrapes: at most three times the span of the last
+        recorded scrapes (two or three of them, so one or two scrape intervals) plus 1 s, and
+        never longer than `linger_s`.
         """
         with self._scraped:
             if self._server is not None and len(self._scrapes) > 1:  # a scraper polls regularly
