@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import ROOT, output_files, read_output, write_job, write_prompts
 
-from upg_batch.commit import MANIFEST, SUCCESS
+from upg_batch.commit import LOCK, MANIFEST, SUCCESS
 from upg_batch.config import load_config
 from upg_batch.runner import Runner
 
@@ -66,7 +66,7 @@ def test_driver_killed_mid_job_then_run_again(tmp_path: Path, local_ray):
         assert again.wait(timeout=240) == 0, log.read_text()
     finally:
         _kill_group(again)
-    assert output_files(out) == sorted([MANIFEST, SUCCESS] + [f"part-{i:06d}.arrow" for i in range(8)])
+    assert output_files(out) == sorted([LOCK, MANIFEST, SUCCESS] + [f"part-{i:06d}.arrow" for i in range(8)])
     resumed = read_output(out).sort_by("id")
     assert resumed.column("id").to_pylist() == list(range(64))
     manifest = json.loads((out / MANIFEST).read_text())
