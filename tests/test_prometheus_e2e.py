@@ -297,7 +297,14 @@ def test_prometheus_scrapes_a_two_node_job(tmp_path, ray_cluster, prometheus_for
 
     # The driver served its final values before it stopped (the target is gone now, so read
     # the last sample of each series).
-    assert prom.value("sum(last_over_time(upg_batch_rows_total[10m]))") == ROWS
+    # (a scrape's samples become queryable a moment after the driver answered it)
+    final_rows = None
+    for _ in range(20):
+        final_rows = prom.value("sum(last_over_time(upg_batch_rows_total[10m]))")
+        if final_rows == ROWS:
+            break
+        time.sleep(0.5)
+    assert final_rows == ROWS, f"final rows {final_rows}; scrape health: {prom.query('last_over_time(up[10m])')}\n{job_log}"
     assert prom.value("sum(last_over_time(upg_batch_rows_left[10m]))") == 0
     committed = prom.value('last_over_time(upg_batch_shards{state="committed"}[10m])')
     assert committed == ROWS // SHARD_ROWS
