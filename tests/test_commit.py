@@ -11,7 +11,7 @@ import pytest
 from conftest import output_files, read_output
 
 import upg_batch.commit as commit_mod
-from upg_batch.commit import LOCK, MANIFEST, SUCCESS, Committer, OutputError
+from upg_batch.commit import LOG, LOCK, MANIFEST, SUCCESS, Committer, OutputError, read_committed
 
 FP = {"config": "c1", "model": "m1", "dataset": "d1", "job": "j1"}
 
@@ -200,3 +200,159 @@ def test_running_totals_of_rows_and_failed_shards(tmp_path: Path):
     c = Committer(out, FP, 3, "arrow")
     assert (c.rows_committed, c.failed_shards) == (5, 1)
     c.close()
+
+
+# -- the commit log: O(1) per commit, torn lines, crashes around compaction ---------------------
+
+
+def _crash(c: Committer) -> None:
+    """What a SIGKILL leaves: no compaction, no cleanup; only the lock is released."""
+    c.log.close()
+    os.close(c._lock_fd)
+    c._lock_fd = -1
+
+
+def _ids(out: Path) -> list[int]:
+    return sorted(read_output(out).column("id").to_pylist())
+
+
+def test_commits_append_to_the_log_and_never_rewrite_the_snapshot(tmp_path: Path):
+    out = tmp_path / "out"
+    c = Committer(out, FP, 50, "arrow")
+    c.begin()
+    before = (out / MANIFEST).stat()
+    writes = c.snapshot_writes
+    for i in range(50):
+        _commit(c, i, [i])
+        # a reader of snapshot plus log sees every commit as it happens
+        assert set(read_committed(out)["shards"]) == {str(k) for k in range(i + 1)}
+    after = (out / MANIFEST).stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert c.snapshot_writes == writes
+    assert json.loads((out / MANIFEST).read_text())["shards"] == {}
+    lines = (out / LOG).read_bytes().splitlines(keepends=True)
+    assert len(lines) == 50 and all(ln.endswith(b"\n") for ln in lines)
+    assert [json.loads(ln)["shard"] for ln in lines] == list(range(50))
+    c.finish({"status": "complete"})
+    c.close()
+    # the job's end compacts: the snapshot holds every shard and the log is gone
+    assert not (out / LOG).exists()
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["complete"] and set(m["shards"]) == {str(i) for i in range(50)}
+    assert _ids(out) == list(range(50))
+
+
+def test_the_log_is_compacted_when_it_outgrows_the_snapshot(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(commit_mod, "COMPACT_MIN_BYTES", 0)
+    out = tmp_path / "out"
+    c = Committer(out, FP, 200, "arrow")
+    c.begin()
+    first = c.snapshot_writes
+    for i in range(200):
+        _commit(c, i, [i])
+        assert c.log.size <= max(c.snapshot_bytes, 0) + 200  # bounded by the snapshot
+        assert len(read_committed(out)["shards"]) == i + 1
+    # the snapshot roughly doubles between compactions: a handful of rewrites, not 200
+    assert 2 <= c.snapshot_writes - first <= 12, c.snapshot_writes
+    _crash(c)
+    c = Committer(out, FP, 200, "arrow")
+    assert all(c.is_committed(i) for i in range(200)) and c.rows_committed == 200
+    c.close()
+
+
+@pytest.mark.parametrize(
+    "torn",
+    [b'{"shard":2,"entry":{"file":"part-0000', b"\x00" * 40, b'{"shard":2,"entry":{"file"\n'],
+    ids=["partial", "zeros", "terminated-but-invalid"],
+)
+def test_a_torn_last_log_line_is_no_commit_and_its_shard_runs_again(tmp_path: Path, torn: bytes):
+    out = tmp_path / "out"
+    c = Committer(out, FP, 3, "arrow")
+    _commit(c, 0, [0])
+    _commit(c, 1, [1])
+    _crash(c)
+    intact = (out / LOG).read_bytes()
+    # shard 2 was renamed into place, then the run died while appending its log line
+    (out / "part-000002.arrow").write_bytes((out / "part-000001.arrow").read_bytes())
+    with open(out / LOG, "ab") as f:
+        f.write(torn)
+    assert set(read_committed(out)["shards"]) == {"0", "1"}  # readers ignore the torn line too
+    c = Committer(out, FP, 3, "arrow")
+    assert c.is_committed(0) and c.is_committed(1) and not c.is_committed(2)
+    assert not (out / "part-000002.arrow").exists()  # an unrecorded part file: deleted
+    assert (out / LOG).read_bytes() == intact  # the torn tail is cut before anything is appended
+    _commit(c, 2, [2])
+    c.finish({"status": "complete"})
+    c.close()
+    assert _ids(out) == [0, 1, 2]  # every row exactly once
+    assert set(json.loads((out / MANIFEST).read_text())["shards"]) == {"0", "1", "2"}
+
+
+def test_a_crash_between_log_append_and_compaction_keeps_the_logged_shards(tmp_path: Path):
+    out = tmp_path / "out"
+    c = Committer(out, FP, 3, "arrow")
+    _commit(c, 0, [0, 1])
+    c.commit(1, _batch([2]), {"ok": 0, "errors": 1, "failed": True})
+    _crash(c)
+    assert json.loads((out / MANIFEST).read_text())["shards"] == {}  # only the log knows
+    c = Committer(out, FP, 3, "arrow")
+    assert c.is_committed(0) and c.is_committed(1) and not c.is_committed(2)
+    assert (c.rows_committed, c.failed_shards) == (3, 1)
+    c.begin()  # a new run folds the old log into the snapshot
+    assert not (out / LOG).exists()
+    m = json.loads((out / MANIFEST).read_text())
+    assert set(m["shards"]) == {"0", "1"} and m["runs"] == 2
+    _commit(c, 2, [3])
+    c.finish({"status": "complete"})
+    c.close()
+    assert _ids(out) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("stage", ["snapshot-temp-written", "snapshot-renamed"])
+def test_a_crash_in_the_middle_of_compaction_loses_and_doubles_nothing(tmp_path: Path, stage: str):
+    out = tmp_path / "out"
+    c = Committer(out, FP, 3, "arrow")
+    _commit(c, 0, [0, 1])
+    _commit(c, 1, [2])
+    snapshot = {**json.loads((out / MANIFEST).read_text()), "shards": {str(k): v for k, v in c.shards.items()}}
+    _crash(c)
+    # compaction writes the whole snapshot to a temp file, renames it, then removes the log
+    data = json.dumps(snapshot).encode()
+    if stage == "snapshot-temp-written":
+        (out / f".tmp-{MANIFEST}.4242").write_bytes(data)
+    else:
+        (out / MANIFEST).write_bytes(data)  # both the snapshot and the log hold shards 0 and 1
+    c = Committer(out, FP, 3, "arrow")
+    assert sorted(c.shards) == [0, 1] and c.rows_committed == 3
+    assert not (out / f".tmp-{MANIFEST}.4242").exists()
+    _commit(c, 2, [3])
+    with pytest.raises(OutputError, match="already committed"):
+        _commit(c, 1, [2])
+    c.finish({"status": "complete"})
+    c.close()
+    assert _ids(out) == [0, 1, 2, 3]
+    assert output_files(out) == sorted([LOCK, MANIFEST, SUCCESS] + [f"part-{i:06d}.arrow" for i in range(3)])
+
+
+def test_a_log_without_a_snapshot_is_refused_unless_overwrite(tmp_path: Path):
+    out = tmp_path / "out"
+    c = Committer(out, FP, 2, "arrow")
+    _commit(c, 0, [0])
+    _crash(c)
+    (out / MANIFEST).unlink()
+    (out / "part-000000.arrow").unlink()
+    with pytest.raises(OutputError, match="no _manifest.json.*--overwrite"):
+        Committer(out, FP, 2, "arrow")
+    c = Committer(out, FP, 2, "arrow", overwrite=True)
+    c.begin()
+    assert output_files(out) == [LOCK, MANIFEST]
+    c.close()
+
+
+def test_close_folds_the_log_into_the_snapshot(tmp_path: Path):
+    out = tmp_path / "out"
+    c = Committer(out, FP, 2, "arrow")
+    _commit(c, 0, [0])
+    c.close()  # a run that stopped early (an error) but exited cleanly
+    assert not (out / LOG).exists()
+    assert set(json.loads((out / MANIFEST).read_text())["shards"]) == {"0"}

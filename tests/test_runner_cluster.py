@@ -13,7 +13,7 @@ from conftest import read_output, write_job, write_prompts
 from ray.cluster_utils import Cluster
 
 from upg_batch.actor import node_label
-from upg_batch.commit import MANIFEST
+from upg_batch.commit import MANIFEST, OutputError, read_committed
 from upg_batch.config import load_config
 from upg_batch.runner import Runner
 
@@ -50,8 +50,8 @@ def _labels(c: Cluster) -> set[str]:
 
 def _committed(out: Path) -> int:
     try:
-        return len(json.loads((out / MANIFEST).read_text())["shards"])
-    except (OSError, ValueError):
+        return len(read_committed(out)["shards"])  # the snapshot and the commit log
+    except (OSError, ValueError, OutputError):
         return 0
 
 

@@ -12,15 +12,15 @@ from pathlib import Path
 
 from conftest import ROOT, output_files, read_output, write_job, write_prompts
 
-from upg_batch.commit import LOCK, MANIFEST, SUCCESS
+from upg_batch.commit import LOCK, MANIFEST, SUCCESS, OutputError, read_committed
 from upg_batch.config import load_config
 from upg_batch.runner import Runner
 
 
 def _committed(out: Path) -> int:
     try:
-        return len(json.loads((out / MANIFEST).read_text())["shards"])
-    except (OSError, ValueError):
+        return len(read_committed(out)["shards"])  # the snapshot and the commit log
+    except (OSError, ValueError, OutputError):
         return 0
 
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import MSG_TYPE, output_files, read_output, write_job, write_prompts
 
 from upg_batch.cli import main
-from upg_batch.commit import MANIFEST, SUCCESS
+from upg_batch.commit import MANIFEST, SUCCESS, OutputError, read_committed
 from upg_batch.config import OUTPUT_COLUMNS, load_config
 from upg_batch.runner import Runner
 
@@ -27,8 +27,8 @@ def _run(job: Path, **kw):
 
 def _committed(out: Path) -> int:
     try:
-        return len(json.loads((out / MANIFEST).read_text())["shards"])
-    except (OSError, ValueError):
+        return len(read_committed(out)["shards"])  # the snapshot and the commit log
+    except (OSError, ValueError, OutputError):
         return 0
 
 

@@ -1,10 +1,12 @@
 """The output folder: exactly-once shard commits, the manifest, resume and _SUCCESS.
 
 A commit (G1-G5): the shard's batch is written to a hidden temporary file, fsynced,
-renamed to `part-NNNNNN.<fmt>`, the folder fsynced; then the manifest is rewritten
-atomically (temp, fsync, rename, fsync folder) with the shard recorded. A shard counts as
-committed only once the manifest says so: a part file without a manifest entry (a crash
-between rename and manifest) is deleted on resume and the shard runs again.
+renamed to `part-NNNNNN.<fmt>`, the folder fsynced; then one line recording the shard is
+appended to the commit log `_manifest.log` and fsynced (O(1) per commit; see manifest.py). A
+shard counts as committed only once the manifest (snapshot `_manifest.json` or a complete log
+line) says so: a part file without an entry (a crash between rename and log line, or a torn
+line) is deleted on resume and the shard runs again. The snapshot is rewritten (compacted)
+when a run begins, when the log outgrows it, when the job finishes and when the run closes.
 
 Names starting with '_' or '.' are ignored by pyarrow's dataset discovery, so
 `pyarrow.dataset.dataset(out, format="arrow")` reads only the part files.
@@ -23,40 +25,32 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["Committer", "OutputError", "MANIFEST", "SUCCESS", "part_name"]
+from upg_batch.manifest import (
+    LOG,
+    MANIFEST,
+    MANIFEST_VERSION,
+    TMP_PREFIX,
+    CommitLog,
+    OutputError,
+    _fsync_dir,
+    _write_atomic,
+    read_committed,
+    read_log,
+    read_snapshot,
+)
 
-MANIFEST = "_manifest.json"
+__all__ = ["Committer", "OutputError", "MANIFEST", "LOG", "SUCCESS", "part_name", "read_committed"]
+
 SUCCESS = "_SUCCESS"
 LOCK = ".upg-batch.lock"
-TMP_PREFIX = ".tmp-"
 _PART = re.compile(r"^part-(\d+)\.(arrow|parquet)$")
-MANIFEST_VERSION = 1
-
-
-class OutputError(RuntimeError):
-    """The output folder cannot take this job; the message says why and what to do."""
+# the log is compacted into the snapshot once it is larger than both the snapshot and this, so
+# the bytes written stay O(1) per commit amortized and a resume reads a bounded log
+COMPACT_MIN_BYTES = 1 << 20
 
 
 def part_name(index: int, fmt: str) -> str:
     return f"part-{index:06d}.{fmt}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _stat_or_none(path: Path) -> os.stat_result | None:
@@ -83,7 +77,7 @@ def _make_dirs(path: Path) -> list[Path]:
 
 def _ours(name: str) -> bool:
     """Files this runner writes into an output folder."""
-    return bool(_PART.match(name)) or name in (MANIFEST, SUCCESS, LOCK) or name.startswith(TMP_PREFIX)
+    return bool(_PART.match(name)) or name in (MANIFEST, LOG, SUCCESS, LOCK) or name.startswith(TMP_PREFIX)
 
 
 class Committer:
@@ -101,6 +95,11 @@ class Committer:
         self.runs = 0
         self.rows_committed = 0  # rows of all recorded shards, kept as shards are committed
         self.failed_shards = 0  # recorded shards that ended as error rows (failed: true)
+        self.log = CommitLog(self.dir)
+        self.snapshot_bytes = 0  # size of the snapshot last written or read
+        self.snapshot_writes = 0  # snapshots this run wrote (each O(shards))
+        self._complete = False  # the snapshot's complete flag and summary, kept by compaction
+        self._summary: dict[str, Any] | None = None
         # folders this run created (outermost first): removed again if the run ends before
         # writing to them
         self._created = _make_dirs(self.dir)
@@ -133,6 +132,7 @@ class Committer:
 
     # -- opening: check, clean, resume -----------------------------------------------------
     def _open(self, overwrite: bool) -> None:
+        self.log = CommitLog(self.dir)  # sized under the lock
         try:
             manifest = self._read_manifest()
         except OutputError:
@@ -153,8 +153,13 @@ class Committer:
                 )
             self.shards = {int(k): v for k, v in manifest.get("shards", {}).items()}
             self.runs = int(manifest.get("runs", 0))
+            self._complete, self._summary = bool(manifest.get("complete")), manifest.get("summary")
+            self.snapshot_bytes = (self.dir / MANIFEST).stat().st_size
+            logged, good, _ = read_log(self.log.path)
+            self.shards.update(logged)  # a shard in both (a crash mid-compaction) is one entry
+            self.log.cut_torn_tail(good)  # a torn last line is no commit: its part file is a stray
         elif manifest is None and not overwrite:
-            parts = [n for n in os.listdir(self.dir) if _PART.match(n)]
+            parts = [n for n in os.listdir(self.dir) if _PART.match(n) or n == LOG]
             if parts:
                 raise OutputError(f"{self.dir}: holds part files but no {MANIFEST}; run with --overwrite to replace them")
         if overwrite:
@@ -178,21 +183,14 @@ class Committer:
                 if _ours(n) and n != LOCK:
                     os.unlink(self.dir / n)
             _fsync_dir(self.dir)
+            self.log = CommitLog(self.dir)
         self.runs += 1
         self._begun = True
-        self._write_manifest()
+        self._complete, self._summary = False, None
+        self._compact()  # the log of earlier runs folds into the snapshot
 
     def _read_manifest(self) -> dict[str, Any] | None:
-        path = self.dir / MANIFEST
-        if not path.exists():
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise OutputError(f"{path}: unreadable manifest ({e}); run with --overwrite to start over") from None
-        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
-            raise OutputError(f"{path}: not a manifest this version of upg-batch understands; run with --overwrite")
-        return data
+        return read_snapshot(self.dir / MANIFEST)
 
     def _clean(self) -> None:
         """Delete temp files of killed runs and part files the manifest does not record;
@@ -235,36 +233,54 @@ class Committer:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         _fsync_dir(self.dir)
-        self.shards[index] = {"file": name, "rows": batch.num_rows, "bytes": final.stat().st_size, **info}
+        entry = {"file": name, "rows": batch.num_rows, "bytes": final.stat().st_size, **info}
+        self.log.append(index, entry)  # the commit point: one fsynced line
+        self.shards[index] = entry
         self.rows_committed += batch.num_rows
         self.failed_shards += bool(info.get("failed"))
-        self._write_manifest()
+        if self.log.size > max(self.snapshot_bytes, COMPACT_MIN_BYTES):
+            self._compact()
         return time.perf_counter() - t0
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Mark the job complete: the manifest, then _SUCCESS (last, so readers can wait on it)."""
+        """Mark the job complete: the snapshot (compacted, the log removed), then _SUCCESS
+        (last, so readers can wait on it)."""
         self._begun = True
-        self._write_manifest(summary=summary, complete=True)
+        self._complete, self._summary = True, summary
+        self._compact()
         _write_atomic(self.dir / SUCCESS, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
 
-    def _write_manifest(self, summary: dict[str, Any] | None = None, complete: bool = False) -> None:
+    def _compact(self) -> None:
+        """Rewrite the snapshot atomically with every committed shard, then remove the log. A
+        crash between the two leaves shards in both, which reading dedupes by index."""
         data = {
             "version": MANIFEST_VERSION,
             "fingerprint": self.fingerprint,
             "total_shards": self.total_shards,
             "format": self.fmt,
             "runs": self.runs,
-            "complete": complete,
+            "complete": self._complete,
             "shards": {str(k): v for k, v in sorted(self.shards.items())},
         }
-        if summary is not None:
-            data["summary"] = summary
-        _write_atomic(self.dir / MANIFEST, json.dumps(data, separators=(",", ":")).encode())
+        if self._summary is not None:
+            data["summary"] = self._summary
+        raw = json.dumps(data, separators=(",", ":")).encode()
+        _write_atomic(self.dir / MANIFEST, raw)
+        self.snapshot_bytes = len(raw)
+        self.snapshot_writes += 1
+        self.log.remove()
 
     def close(self) -> None:
-        """Release the lock. The lock file stays (it is hidden from readers): deleting it
+        """Fold the log into the snapshot (best effort: a log left behind is read on resume),
+        then release the lock. The lock file stays (it is hidden from readers): deleting it
         while held would let a later run lock a new file while another still holds the old
         one. Only a folder this run created and never wrote to is removed again."""
+        if self._lock_fd >= 0 and self._begun and self.log.size > 0:
+            try:
+                self._compact()
+            except OSError:
+                pass
+        self.log.close()
         if self._lock_fd >= 0:
             if self._created and not self._begun:
                 # nothing but the lock file is in it: remove it while still holding the lock
