@@ -110,13 +110,34 @@ def test_bad_field_value(tmp_path: Path, field: str, value: Any) -> None:
 @pytest.mark.parametrize("field, value, tensor", [
     ("vocab_size", 500, "model.embed_tokens.weight"),
     ("num_hidden_layers", 3, "model.layers.2."),
-    ("intermediate_size", 10**12, "model.layers.0.mlp.gate_proj.weight"),
-    ("hidden_size", 2**40, "model.embed_tokens.weight"),
+    ("intermediate_size", 10**6, "model.layers.0.mlp.gate_proj.weight"),
+    ("hidden_size", 2**20, "model.embed_tokens.weight"),
 ])
 def test_config_disagreeing_with_the_tensors(tmp_path: Path, field: str, value: int, tensor: str) -> None:
     m = copy_model(tmp_path)
     edit_json(m / "config.json", lambda c: c.update({field: value}))
     expect_engine_error(lambda: Engine(m), tensor, "model.safetensors")
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "intermediate_size", "vocab_size", "num_attention_heads"])
+def test_dimensions_too_large_for_any_model_name_the_field(tmp_path: Path, field: str) -> None:
+    # products of two dimensions must not overflow: each is bounded by 2**24
+    m = copy_model(tmp_path)
+    edit_json(m / "config.json", lambda c: c.update({field: 2**40}))
+    expect_engine_error(lambda: Engine(m), "config.json", field, "16777216")
+
+
+@pytest.mark.parametrize("scaling, field", [
+    ({"rope_type": "linear", "factor": 0}, "rope_scaling.factor"),
+    ({"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4, "original_max_position_embeddings": 64},
+     "rope_scaling.high_freq_factor"),
+    ({"rope_type": "llama3", "factor": "x", "low_freq_factor": 1, "high_freq_factor": 4, "original_max_position_embeddings": 64},
+     "rope_scaling.factor"),
+])
+def test_rope_scaling_values_are_checked_and_named(tmp_path: Path, scaling: dict, field: str) -> None:
+    m = copy_model(tmp_path, "llama3-tiny")
+    edit_json(m / "config.json", lambda c: c.update({"rope_scaling": scaling}))
+    expect_engine_error(lambda: Engine(m), "config.json", field)
 
 
 def test_bad_generation_config(tmp_path: Path) -> None:
@@ -517,3 +538,18 @@ def test_unused_files_are_ignored(tmp_path: Path) -> None:
     (m / "README.md").write_text("hello")
     os.symlink(m / "README.md", m / "extra.json")
     assert np.array_equal(bits(Engine(m).logits(PROMPT)), bits(Engine(MODELS / "llama-tiny").logits(PROMPT)))
+
+
+def test_a_safetensors_header_length_that_looks_like_pickle_still_loads(tmp_path: Path) -> None:
+    # A header length of 0x10280 starts the file with 0x80 0x02, a pickle stream's first two
+    # bytes: the file is valid safetensors and must load as such.
+    m = copy_model(tmp_path)
+    raw = (m / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    target = 0x10280
+    assert n < target
+    padded = raw[8 : 8 + n] + b" " * (target - n)
+    (m / "model.safetensors").write_bytes(target.to_bytes(8, "little") + padded + raw[8 + n :])
+    assert (m / "model.safetensors").read_bytes()[:2] == b"\x80\x02"
+    ids = [5, 6, 7]
+    assert np.array_equal(Engine(m).logits(ids), Engine(MODELS / "llama-tiny").logits(ids))

@@ -14,6 +14,17 @@ impl SeqCache {
         SeqCache { layers: (0..num_layers).map(|_| (Vec::new(), Vec::new())).collect(), kv_dim, len: 0 }
     }
 
+    /// Reserve memory for `positions` positions exactly (instead of letting growth double it).
+    pub fn reserve(&mut self, positions: usize) {
+        let want = positions * self.kv_dim;
+        for (k, v) in &mut self.layers {
+            if k.capacity() < want {
+                k.reserve_exact(want - k.len());
+                v.reserve_exact(want - v.len());
+            }
+        }
+    }
+
     /// Make room for positions 0..len.
     pub fn grow_to(&mut self, len: usize) {
         if len <= self.len {

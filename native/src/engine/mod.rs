@@ -179,18 +179,44 @@ impl Engine {
             return Some((decode(&generated[..generated.len() - 1]), FinishReason::Stop));
         }
         if !p.stop.is_empty() {
-            let text = decode(generated);
-            // A trailing U+FFFD is a multi-byte character split across tokens: it may still
-            // complete, so it cannot match a stop string yet.
-            let settled = text.trim_end_matches('\u{fffd}');
-            if let Some(cut) = p.stop.iter().filter_map(|s| settled.find(s.as_str())).min() {
-                return Some((text[..cut].to_string(), FinishReason::Stop));
+            if let Some(text) = self.stop_string_cut(generated, &p.stop) {
+                return Some((text, FinishReason::Stop));
             }
         }
         if generated.len() >= p.max_tokens || prompt_len + generated.len() >= self.context {
             return Some((decode(generated), FinishReason::Length));
         }
         None
+    }
+
+    /// The completion's text cut before the first stop string, if one has appeared.
+    ///
+    /// Called after every token, so a new match can only end in the last few tokens: only a
+    /// tail of the completion is decoded (widened until it holds the longest stop string
+    /// plus a margin for a mangled first character), which keeps each step O(stop length)
+    /// instead of O(completion). The full text is decoded once, when the tail matches.
+    fn stop_string_cut(&self, generated: &[u32], stops: &[String]) -> Option<String> {
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids, true).unwrap_or_default();
+        // A trailing U+FFFD is a multi-byte character split across tokens: it may still
+        // complete, so it cannot match a stop string yet.
+        let settled = |t: &str| t.trim_end_matches('\u{fffd}').len();
+        let need = stops.iter().map(|s| s.len()).max().unwrap_or(0) + 16;
+        let mut window = need;
+        loop {
+            let start = generated.len().saturating_sub(window);
+            let tail = decode(&generated[start..]);
+            let tail = &tail[..settled(&tail)];
+            if start == 0 || tail.len() >= need {
+                if !stops.iter().any(|s| tail.contains(s.as_str())) {
+                    return None;
+                }
+                let full = decode(generated);
+                let full = &full[..settled(&full)];
+                let cut = stops.iter().filter_map(|s| full.find(s.as_str())).min()?;
+                return Some(full[..cut].to_string());
+            }
+            window *= 2;
+        }
     }
 
     pub fn memory_bytes(&self) -> u64 {

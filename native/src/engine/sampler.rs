@@ -101,8 +101,11 @@ pub fn filtered_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f6
     }
     let mut cand: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l as f64)).collect();
     if p.top_k > 0 && p.top_k < cand.len() {
+        // Keep every token whose logit reaches the k-th largest (ties included, as
+        // transformers' TopKLogitsWarper does).
         cand.select_nth_unstable_by(p.top_k - 1, by_probability);
-        cand.truncate(p.top_k);
+        let kth = cand[p.top_k - 1].1;
+        cand.retain(|c| c.1 >= kth);
         cand.sort_by(by_probability);
     }
     // Scale after subtracting the maximum: exponents stay <= 0 however small the temperature.
@@ -219,6 +222,13 @@ mod tests {
             let want: Vec<u32> = all[..keep].iter().map(|c| c.0).collect();
             assert_eq!(got.iter().map(|c| c.0).collect::<Vec<_>>(), want, "trial {trial}: n {n}, top_p {top_p}");
         }
+    }
+
+    #[test]
+    fn top_k_keeps_ties_with_the_kth_logit() {
+        let logits = [3.0f32, 1.0, 2.0, 2.0, 0.5];
+        let kept: Vec<u32> = filtered_distribution(&logits, &params(1.0, 2, 1.0, 0.0)).iter().map(|c| c.0).collect();
+        assert_eq!(kept, vec![0, 2, 3]);
     }
 
     #[test]

@@ -77,6 +77,7 @@ pub fn run(engine: &Engine, prompts: Vec<Vec<u32>>, params: Vec<SamplingParams>)
             let (index, prompt, params) = waiting.pop_front().unwrap();
             let sampler = Sampler::new(params.seed);
             let prompt_len = prompt.len();
+            caches[slot].reserve((prompt_len + params.max_tokens).min(engine.context));
             running.push(Sequence { index, slot, tokens: prompt, prompt_len, processed: 0, params, sampler, first_token: None });
         }
         Stats::set(&stats.running_sequences, running.len());

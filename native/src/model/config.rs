@@ -62,6 +62,8 @@ pub struct ModelConfig {
     pub stored_dtype: Option<String>,
 }
 
+const MAX_DIM: u64 = 1 << 24;
+
 struct Fields<'a> {
     path: &'a Path,
     obj: &'a Map<String, Value>,
@@ -89,17 +91,20 @@ impl<'a> Fields<'a> {
 
     fn as_usize(&self, key: &str, v: &Value) -> Result<usize> {
         match v.as_u64() {
-            Some(n) if n > 0 && n <= (1 << 40) => Ok(n as usize),
-            _ => Err(self.err(key, format!("expected a positive integer, got {v}"))),
+            // Every dimension of a real model is far below 2^24; the bound keeps products of
+            // two dimensions from overflowing.
+            Some(n) if n > 0 && n <= MAX_DIM => Ok(n as usize),
+            _ => Err(self.err(key, format!("expected a positive integer up to {MAX_DIM}, got {v}"))),
         }
     }
 
-    fn f64_opt(&self, obj: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
+    /// A number `key` of `obj`, reported as `name` (e.g. `rope_scaling.factor`).
+    fn f64_opt(&self, obj: &Map<String, Value>, key: &str, name: &str) -> Result<Option<f64>> {
         match obj.get(key).filter(|v| !v.is_null()) {
             None => Ok(None),
             Some(v) => match v.as_f64() {
                 Some(x) if x.is_finite() => Ok(Some(x)),
-                _ => Err(self.err(key, format!("expected a number, got {v}"))),
+                _ => Err(self.err(name, format!("expected a number, got {v}"))),
             },
         }
     }
@@ -190,7 +195,7 @@ impl ModelConfig {
             _ => None,
         };
         let (rope_theta, rope_scaling) = parse_rope(&f)?;
-        let rms_norm_eps = f.f64_opt(obj, "rms_norm_eps")?.unwrap_or(1e-6);
+        let rms_norm_eps = f.f64_opt(obj, "rms_norm_eps", "rms_norm_eps")?.unwrap_or(1e-6);
         if rms_norm_eps <= 0.0 {
             return Err(f.err("rms_norm_eps", "must be positive"));
         }
@@ -206,7 +211,12 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             vocab_size: f.usize_req("vocab_size")?,
-            max_position_embeddings: f.usize_opt("max_position_embeddings")?.unwrap_or(2048),
+            // transformers' defaults when the field is absent
+            max_position_embeddings: f.usize_opt("max_position_embeddings")?.unwrap_or(match architecture {
+                Architecture::Llama => 2048,
+                Architecture::Mistral => 131072,
+                Architecture::Qwen2 => 32768,
+            }),
             rms_norm_eps,
             rope_theta,
             rope_scaling,
@@ -267,27 +277,42 @@ fn parse_rope(f: &Fields) -> Result<(f64, RopeScaling)> {
         (None, Some(v)) => return Err(f.err("rope_scaling", format!("expected an object or null, got {v}"))),
         (None, None) => ("rope_scaling", None),
     };
-    let theta = match section.and_then(|s| f.f64_opt(s, "rope_theta").transpose()) {
+    let theta = match section.and_then(|s| f.f64_opt(s, "rope_theta", &format!("{section_name}.rope_theta")).transpose()) {
         Some(t) => t?,
-        None => f.f64_opt(f.obj, "rope_theta")?.unwrap_or(10000.0),
+        None => f.f64_opt(f.obj, "rope_theta", "rope_theta")?.unwrap_or(10000.0),
     };
     if theta <= 0.0 {
         return Err(f.err("rope_theta", "must be positive"));
     }
     let Some(s) = section else { return Ok((theta, RopeScaling::None)) };
     let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+    // A positive number of the rope section, named with its section in errors.
     let num = |key: &str| -> Result<f64> {
-        f.f64_opt(s, key)?.ok_or_else(|| f.err(&format!("{section_name}.{key}"), format!("missing for rope_type {kind:?}")))
+        let name = format!("{section_name}.{key}");
+        match f.f64_opt(s, key, &name)? {
+            None => Err(f.err(&name, format!("missing for rope_type {kind:?}"))),
+            Some(x) if x <= 0.0 => Err(f.err(&name, format!("must be positive, got {x}"))),
+            Some(x) => Ok(x),
+        }
     };
     let scaling = match kind {
         "default" => RopeScaling::None,
         "linear" => RopeScaling::Linear { factor: num("factor")? },
-        "llama3" => RopeScaling::Llama3 {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")?,
-        },
+        "llama3" => {
+            let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+            if high <= low {
+                return Err(f.err(
+                    &format!("{section_name}.high_freq_factor"),
+                    format!("must be greater than low_freq_factor ({high} <= {low})"),
+                ));
+            }
+            RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            }
+        }
         other => {
             return Err(f.err(
                 &format!("{section_name}.rope_type"),

@@ -59,11 +59,15 @@ impl Checkpoint {
         // SAFETY: the file is mapped read-only; a checkpoint modified while the engine runs
         // is outside what any engine can defend against.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::file(&path, format!("cannot map: {e}")))?;
-        if looks_like_pickle(&map) {
-            return Err(EngineError::file(&path, "this is a pickle/PyTorch checkpoint, not safetensors; pickle formats are refused"));
-        }
-        let (header_len, metadata) = SafeTensors::read_metadata(&map)
-            .map_err(|e| EngineError::file(&path, format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+            // Only a file that is not valid safetensors is examined for pickle: a safetensors
+            // header length can start with the same two bytes as a pickle stream.
+            if looks_like_pickle(&map) {
+                EngineError::file(&path, "this is a pickle/PyTorch checkpoint, not safetensors; pickle formats are refused")
+            } else {
+                EngineError::file(&path, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
+            }
+        })?;
         let data_start = 8 + header_len;
         let file_index = self.maps.len();
         for (name, info) in metadata.tensors() {

@@ -52,6 +52,17 @@ pub fn f16_bits_to_f32(h: u16) -> f32 {
     f32::from_bits(bits | sign)
 }
 
+/// a * b + c. Fused where the target always has FMA (every aarch64 processor), so that Macs
+/// compute the same values as the AVX2+FMA kernels; multiply-then-add elsewhere (a software
+/// fused multiply-add would be far slower).
+#[inline(always)]
+fn lane_fma(a: f32, b: f32, c: f32) -> f32 {
+    #[cfg(target_arch = "aarch64")]
+    return a.mul_add(b, c);
+    #[cfg(not(target_arch = "aarch64"))]
+    return a * b + c;
+}
+
 /// out[b * ldo + r] = W[r] . x[b] for r < R, b < B; `w` starts at the tile's first row,
 /// `x` at its first batch row, both with row stride `cols`.
 unsafe fn tile_kernel<T: WeightElem, const R: usize, const B: usize>(w: *const T, cols: usize, x: *const f32, out: *mut f32, ldo: usize) {
@@ -70,7 +81,7 @@ unsafe fn tile_kernel<T: WeightElem, const R: usize, const B: usize>(w: *const T
             let xr = std::slice::from_raw_parts(x.add(b * cols + k), 8);
             for r in 0..R {
                 for l in 0..8 {
-                    acc[r][b][l] += wv[r][l] * xr[l];
+                    acc[r][b][l] = lane_fma(wv[r][l], xr[l], acc[r][b][l]);
                 }
             }
         }
