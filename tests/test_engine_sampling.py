@@ -232,6 +232,25 @@ def test_stop_string_cuts_the_text() -> None:
     assert (out3.token_ids, out3.text, out3.finish_reason) == (ids, text, "length")
 
 
+def test_stop_string_late_in_a_long_completion() -> None:
+    # The engine checks stop strings on a decoded tail of the completion; a match hundreds of
+    # tokens in must end generation exactly where a check of the whole text would.
+    eng = engine()
+    prompt = cases()[2]["prompt"]
+    long = eng.generate([prompt], SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True))[0]
+    text = long.text
+    starts = [i for i in range(len(text) * 3 // 4, len(text) - 4) if text[i : i + 4].isascii() and text[i : i + 4].strip() == text[i : i + 4]]
+    assert starts, "the completion should have some ASCII late in its text"
+    for at in starts[:5]:
+        stop = text[at : at + 4]
+        cut = text.find(stop)
+        out = eng.generate([prompt], SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True, stop=[stop]))[0]
+        assert out.finish_reason == "stop" and out.text == text[:cut], stop
+        n = len(out.token_ids)
+        assert out.token_ids == long.token_ids[:n]
+        assert stop in eng.detokenize(long.token_ids[:n]) and stop not in eng.detokenize(long.token_ids[: n - 1]), stop
+
+
 def test_stop_token_ids_end_generation() -> None:
     eng = engine()
     prompt, ids, _ = greedy_text_case()
