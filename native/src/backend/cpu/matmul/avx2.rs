@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 
 use half::{bf16, f16};
 
+use super::portable::WeightElem;
 use crate::model::weights::WeightView;
 
 pub fn available() -> bool {
@@ -75,35 +76,13 @@ macro_rules! tile_kernel {
                 for b in 0..B {
                     let mut s = hsum(acc[r][b]);
                     for kk in n8..cols {
-                        s += (*w.add(r * cols + kk)).to_f32_value() * *x.add(b * cols + kk);
+                        s += (*w.add(r * cols + kk)).widen() * *x.add(b * cols + kk);
                     }
                     *out.add(b * ldo + r) = s;
                 }
             }
         }
     };
-}
-
-trait ToF32 {
-    fn to_f32_value(self) -> f32;
-}
-impl ToF32 for f32 {
-    #[inline(always)]
-    fn to_f32_value(self) -> f32 {
-        self
-    }
-}
-impl ToF32 for f16 {
-    #[inline(always)]
-    fn to_f32_value(self) -> f32 {
-        self.to_f32()
-    }
-}
-impl ToF32 for bf16 {
-    #[inline(always)]
-    fn to_f32_value(self) -> f32 {
-        self.to_f32()
-    }
 }
 
 tile_kernel!(tile_f32, f32, load_f32);
