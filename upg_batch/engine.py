@@ -104,10 +104,14 @@ class Completion:
 class Engine:
     """A model loaded into the native engine.
 
-    backend: "cpu" (the GPU backend needs an engine built with the `gpu` feature).
+    backend: "cpu", "gpu" (wgpu: Metal on macOS, Vulkan on Linux) or "auto" (a hardware GPU
+    when there is one, else the CPU). The environment variable UPG_BATCH_GPU_ADAPTER (a
+    case-insensitive part of an adapter's name, e.g. "llvmpipe") forces one GPU adapter.
     weights: how weights are held in memory: "f32", "f16" or "bf16" (arithmetic is f32).
     threads: compute threads (None: all cores). max_batch: sequences in flight at once.
     context: longest sequence (prompt + completion) in tokens (None: the model's maximum).
+    fused: fused kernels where the backend has them (the GPU: fewer dispatches per step);
+    False keeps one op per kernel. Both compute the same function.
     """
 
     def __init__(
@@ -118,11 +122,14 @@ class Engine:
         threads: int | None = None,
         max_batch: int = 32,
         context: int | None = None,
+        fused: bool = True,
     ) -> None:
         for name, value, low in (("threads", threads, 1), ("max_batch", max_batch, 1), ("context", context, 2)):
             if value is not None and not _int_in(value, low, 2**31):
                 raise EngineError(f"Engine argument `{name}` must be an integer >= {low}, got {value!r}")
-        self._native = _native.NativeEngine(os.fspath(model_dir), backend, weights, threads, max_batch, context)
+        if not isinstance(fused, bool):
+            raise EngineError(f"Engine argument `fused` must be True or False, got {fused!r}")
+        self._native = _native.NativeEngine(os.fspath(model_dir), backend, weights, threads, max_batch, context, fused)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as tokenizer.json encodes it (its post-processor included)."""

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use half::f16;
 use upg_batch_native::backend::cpu::matmul::matmul;
-use upg_batch_native::model::weights::WeightView;
+use upg_batch_native::backend::cpu::weights::WeightView;
 
 fn main() {
     let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(2);

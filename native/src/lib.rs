@@ -6,6 +6,7 @@ pub mod backend;
 pub mod engine;
 pub mod error;
 pub mod model;
+pub mod tensor;
 
 use std::path::PathBuf;
 
@@ -43,7 +44,8 @@ struct NativeEngine {
 #[pymethods]
 impl NativeEngine {
     #[new]
-    #[pyo3(signature = (model_dir, backend, weights, threads, max_batch, context))]
+    #[pyo3(signature = (model_dir, backend, weights, threads, max_batch, context, fused = true))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         model_dir: PathBuf,
@@ -52,8 +54,9 @@ impl NativeEngine {
         threads: Option<usize>,
         max_batch: usize,
         context: Option<usize>,
+        fused: bool,
     ) -> PyResult<Self> {
-        let opts = EngineOptions { backend, weights, threads, max_batch, context };
+        let opts = EngineOptions { backend, weights, threads, max_batch, context, fused };
         let inner = py.allow_threads(|| Engine::load(&model_dir, opts)).map_err(to_py)?;
         Ok(NativeEngine { inner })
     }
@@ -70,7 +73,7 @@ impl NativeEngine {
     fn logits<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<(Bound<'py, PyBytes>, usize, usize)> {
         let values = py.allow_threads(|| self.inner.logits(&ids)).map_err(to_py)?;
         let bytes: &[u8] = bytemuck::cast_slice(&values);
-        Ok((PyBytes::new(py, bytes), ids.len(), self.inner.model.cfg.vocab_size))
+        Ok((PyBytes::new(py, bytes), ids.len(), self.inner.model.cfg().vocab_size))
     }
 
     fn generate(&self, py: Python<'_>, prompts: Vec<PyPrompt>, params: Vec<NativeParams>) -> PyResult<Vec<NativeOutput>> {
@@ -104,7 +107,7 @@ impl NativeEngine {
 
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let e = &self.inner;
-        let c = &e.model.cfg;
+        let c = e.model.cfg();
         let d = PyDict::new(py);
         d.set_item("architecture", c.architecture.hf_name())?;
         d.set_item("parameters", e.model.parameter_count())?;
@@ -117,8 +120,9 @@ impl NativeEngine {
         d.set_item("vocab", c.vocab_size)?;
         d.set_item("context", e.context)?;
         d.set_item("max_position_embeddings", c.max_position_embeddings)?;
-        d.set_item("backend", e.backend.name())?;
-        d.set_item("weights", e.model.format.name())?;
+        d.set_item("backend", e.model.backend_name())?;
+        d.set_item("weights", e.model.format().name())?;
+        d.set_item("fused", e.model.fused())?;
         d.set_item("weight_bytes", e.model.weight_bytes())?;
         d.set_item("stored_dtype", c.stored_dtype.clone())?;
         d.set_item("max_batch", e.max_batch)?;

@@ -1,7 +1,7 @@
 //! The engine: a loaded model, its tokenizer and generation settings, a thread pool, and the
 //! continuous-batching scheduler that serves `generate`.
 
-pub mod kv_cache;
+pub mod model;
 pub mod sampler;
 pub mod scheduler;
 pub mod stats;
@@ -14,11 +14,11 @@ use tokenizers::Tokenizer;
 use self::sampler::SamplingParams;
 use self::scheduler::{FinishReason, Output, STEP_TOKENS};
 use self::stats::Stats;
-use crate::backend::Backend;
+pub use self::model::Model;
+use crate::backend::StepRow;
 use crate::error::{EngineError, Result};
 use crate::model::config::{read_json_object, token_ids, ModelConfig};
-use crate::model::llama::{Llama, StepRow};
-use crate::model::weights::WeightFormat;
+use crate::tensor::WeightFormat;
 
 const MAX_THREADS: usize = 1024;
 const MAX_BATCH: usize = 65536;
@@ -29,6 +29,8 @@ pub struct EngineOptions {
     pub threads: Option<usize>,
     pub max_batch: usize,
     pub context: Option<usize>,
+    /// Fused kernels on backends that have them.
+    pub fused: bool,
 }
 
 pub enum Prompt {
@@ -37,9 +39,8 @@ pub enum Prompt {
 }
 
 pub struct Engine {
-    pub model: Llama,
+    pub model: Model,
     pub tokenizer: Tokenizer,
-    pub backend: Backend,
     pub eos_token_ids: Vec<u32>,
     pub max_batch: usize,
     pub context: usize,
@@ -52,7 +53,6 @@ pub struct Engine {
 
 impl Engine {
     pub fn load(model_dir: &Path, opts: EngineOptions) -> Result<Self> {
-        let backend = Backend::parse(&opts.backend)?;
         let format = WeightFormat::parse(&opts.weights).ok_or_else(|| {
             EngineError::InvalidArgument(format!("weights {:?} is unknown (expected \"f32\", \"f16\" or \"bf16\")", opts.weights))
         })?;
@@ -87,11 +87,10 @@ impl Engine {
             .thread_name(|i| format!("upg-engine-{i}"))
             .build()
             .map_err(|e| EngineError::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
-        let model = Llama::load(model_dir, cfg, format)?;
+        let model = Model::load(&opts.backend, model_dir, cfg, format, opts.fused)?;
         Ok(Engine {
             model,
             tokenizer,
-            backend,
             eos_token_ids,
             max_batch: opts.max_batch,
             context,
@@ -116,7 +115,7 @@ impl Engine {
     }
 
     fn check_ids(&self, ids: &[u32], what: &str) -> Result<()> {
-        let vocab = self.model.cfg.vocab_size;
+        let vocab = self.model.cfg().vocab_size;
         match ids.iter().position(|&t| t as usize >= vocab) {
             Some(i) => Err(EngineError::InvalidArgument(format!("{what}: token id {} at position {i} is outside the vocabulary of {vocab}", ids[i]))),
             None => Ok(()),
@@ -133,17 +132,20 @@ impl Engine {
             return Err(EngineError::InvalidArgument(format!("logits: {} tokens exceed the context of {} tokens", ids.len(), self.context)));
         }
         let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut caches = vec![self.model.new_cache()];
-        let mut out = Vec::with_capacity(ids.len() * self.model.cfg.vocab_size);
+        let context = self.context;
         self.pool.install(|| {
-            for start in (0..ids.len()).step_by(STEP_TOKENS) {
-                let end = (start + STEP_TOKENS).min(ids.len());
-                let rows: Vec<StepRow> = (start..end).map(|pos| StepRow { slot: 0, pos, token: ids[pos] }).collect();
-                let all: Vec<usize> = (0..rows.len()).collect();
-                out.extend(self.model.forward(&rows, &mut caches, &all));
-            }
-        });
-        Ok(out)
+            crate::with_decoder!(&self.model, m => {
+                let mut cache = m.new_cache(1, context)?;
+                let mut out = Vec::with_capacity(ids.len() * m.cfg.vocab_size);
+                for start in (0..ids.len()).step_by(STEP_TOKENS) {
+                    let end = (start + STEP_TOKENS).min(ids.len());
+                    let rows: Vec<StepRow> = (start..end).map(|pos| StepRow { slot: 0, pos, token: ids[pos] }).collect();
+                    let all: Vec<usize> = (0..rows.len()).collect();
+                    out.extend(m.forward(&rows, &mut cache, &all)?);
+                }
+                Ok(out)
+            })
+        })
     }
 
     /// Tokenizes and checks every request, then runs them all with continuous batching.
@@ -168,7 +170,7 @@ impl Engine {
             ids.push(t);
         }
         let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(self.pool.install(|| scheduler::run(self, ids, params)))
+        self.pool.install(|| crate::with_decoder!(&self.model, m => scheduler::run(self, m, ids, params)))
     }
 
     /// Whether a sequence that just produced `generated` is done, and if so its text and why.

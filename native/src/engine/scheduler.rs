@@ -6,11 +6,12 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use super::kv_cache::SeqCache;
 use super::sampler::{Sampler, SamplingParams};
 use super::stats::Stats;
 use super::Engine;
-use crate::model::llama::StepRow;
+use crate::backend::{Backend, StepRow};
+use crate::error::Result;
+use crate::model::decoder::Decoder;
 
 /// Tokens per step at most (decode rows first, then prompt chunks): bounds activation memory.
 pub const STEP_TOKENS: usize = 512;
@@ -58,16 +59,17 @@ impl Sequence {
     }
 }
 
-/// Runs every request to completion; outputs in request order.
-pub fn run(engine: &Engine, prompts: Vec<Vec<u32>>, params: Vec<SamplingParams>) -> Vec<Output> {
+/// Runs every request to completion on `model`; outputs in request order.
+pub fn run<B: Backend>(engine: &Engine, model: &Decoder<B>, prompts: Vec<Vec<u32>>, params: Vec<SamplingParams>) -> Result<Vec<Output>> {
     let start = Instant::now();
     let n = prompts.len();
     let mut outputs: Vec<Option<Output>> = (0..n).map(|_| None).collect();
     let mut waiting: VecDeque<(usize, Vec<u32>, SamplingParams)> =
         prompts.into_iter().zip(params).enumerate().map(|(i, (p, s))| (i, p, s)).collect();
     let max_batch = engine.max_batch;
-    let mut caches: Vec<SeqCache> = (0..max_batch.min(n)).map(|_| engine.model.new_cache()).collect();
-    let mut free_slots: Vec<usize> = (0..caches.len()).rev().collect();
+    let slots = max_batch.min(n);
+    let mut cache = model.new_cache(slots, engine.context)?;
+    let mut free_slots: Vec<usize> = (0..slots).rev().collect();
     let mut running: Vec<Sequence> = Vec::new();
     let stats = &engine.stats;
 
@@ -77,7 +79,7 @@ pub fn run(engine: &Engine, prompts: Vec<Vec<u32>>, params: Vec<SamplingParams>)
             let (index, prompt, params) = waiting.pop_front().unwrap();
             let sampler = Sampler::new(params.seed);
             let prompt_len = prompt.len();
-            caches[slot].reserve((prompt_len + params.max_tokens).min(engine.context));
+            model.backend.cache_reserve(&mut cache, slot, (prompt_len + params.max_tokens).min(engine.context));
             running.push(Sequence { index, slot, tokens: prompt, prompt_len, processed: 0, params, sampler, first_token: None });
         }
         Stats::set(&stats.running_sequences, running.len());
@@ -87,7 +89,7 @@ pub fn run(engine: &Engine, prompts: Vec<Vec<u32>>, params: Vec<SamplingParams>)
         }
 
         let step = plan_step(&running);
-        let logits = engine.model.forward(&step.rows, &mut caches, &step.logit_rows);
+        let logits = model.forward(&step.rows, &mut cache, &step.logit_rows)?;
         let mut prompt_tokens = 0;
         for &(s, take) in &step.takes {
             let seq = &mut running[s];
@@ -97,7 +99,7 @@ pub fn run(engine: &Engine, prompts: Vec<Vec<u32>>, params: Vec<SamplingParams>)
         Stats::add(&stats.prompt_tokens_total, prompt_tokens);
         Stats::add(&stats.steps_total, 1);
 
-        let vocab = engine.model.cfg.vocab_size;
+        let vocab = model.cfg.vocab_size;
         let mut finished = Vec::new();
         for (j, &s) in step.samplers.iter().enumerate() {
             let seq = &mut running[s];
@@ -122,17 +124,17 @@ pub fn run(engine: &Engine, prompts: Vec<Vec<u32>>, params: Vec<SamplingParams>)
                 ttft_s: seq.first_token.map_or(0.0, |t| (t - start).as_secs_f64()),
                 latency_s: (now - start).as_secs_f64(),
             });
-            caches[seq.slot].reset();
+            model.backend.cache_reset(&mut cache, seq.slot);
             free_slots.push(seq.slot);
         }
         Stats::set(&stats.kv_cache_tokens, running.iter().map(|s| s.processed).sum());
-        Stats::set(&stats.kv_cache_bytes, caches.iter().map(|c| c.bytes()).sum());
+        Stats::set(&stats.kv_cache_bytes, model.backend.cache_bytes(&cache));
     }
     // The caches are freed on return.
     Stats::set(&stats.running_sequences, 0);
     Stats::set(&stats.kv_cache_tokens, 0);
     Stats::set(&stats.kv_cache_bytes, 0);
-    outputs.into_iter().map(|o| o.expect("every request finishes")).collect()
+    Ok(outputs.into_iter().map(|o| o.expect("every request finishes")).collect())
 }
 
 struct Step {

@@ -1,6 +1,7 @@
-//! Model definition: config, checkpoint loading, weights and the LLaMA-family forward pass.
+//! The model: config, checkpoint reading, rotary tables and the decoder (one forward pass,
+//! generic over the compute backend).
 
+pub mod checkpoint;
 pub mod config;
-pub mod llama;
-pub mod loader;
-pub mod weights;
+pub mod decoder;
+pub mod rope;

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::model::weights::WeightView;
+use crate::backend::cpu::weights::WeightView;
 
 /// Calls `$kernel::<R, B>(args...)` for a run-time tile shape (R <= 4, B <= 4).
 macro_rules! dispatch {

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use half::{bf16, f16};
 
 use super::portable::WeightElem;
-use crate::model::weights::WeightView;
+use crate::backend::cpu::weights::WeightView;
 
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();

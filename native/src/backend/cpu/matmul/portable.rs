@@ -5,7 +5,7 @@
 
 use half::{bf16, f16};
 
-use crate::model::weights::WeightView;
+use crate::backend::cpu::weights::WeightView;
 
 /// A stored weight element, widened to f32.
 pub trait WeightElem: Copy {

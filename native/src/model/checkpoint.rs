@@ -7,18 +7,17 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use super::config::read_json_object;
-use super::weights::{Matrix, WeightFormat};
+use crate::tensor::{DType, HostTensor};
 use crate::error::{EngineError, Result};
 
 struct TensorEntry {
     file: usize,
-    dtype: WeightFormat,
+    dtype: DType,
     shape: Vec<usize>,
     /// Absolute byte range in the mapped file.
     start: usize,
@@ -72,9 +71,9 @@ impl Checkpoint {
         let file_index = self.maps.len();
         for (name, info) in metadata.tensors() {
             let dtype = match info.dtype {
-                Dtype::F32 => WeightFormat::F32,
-                Dtype::F16 => WeightFormat::F16,
-                Dtype::BF16 => WeightFormat::Bf16,
+                Dtype::F32 => DType::F32,
+                Dtype::F16 => DType::F16,
+                Dtype::BF16 => DType::Bf16,
                 other => {
                     return Err(EngineError::tensor(&path, name, format!("dtype {other:?} is not supported (F32, F16, BF16)")))
                 }
@@ -109,31 +108,15 @@ impl Checkpoint {
         Ok(entry)
     }
 
-    /// Weight matrix `name` of shape (rows, cols) in `format`: a zero-copy view when the
-    /// file already holds that dtype at a suitable alignment, a converted copy otherwise.
-    pub fn matrix(&self, name: &str, rows: usize, cols: usize, format: WeightFormat) -> Result<Matrix> {
-        let entry = self.entry(name, &[rows, cols])?;
-        let map = &self.maps[entry.file];
-        let aligned = (map.as_ptr() as usize + entry.start) % format.bytes_per_element() == 0;
-        if entry.dtype == format && aligned {
-            return Ok(Matrix::mapped(rows, cols, format, map.clone(), entry.start));
-        }
-        Ok(Matrix::from_f32(rows, cols, format, self.read_f32(entry)))
+    /// Tensor `name`, checked to have `shape`, as a view of its bytes in the mapped file.
+    pub fn tensor<'a>(&'a self, name: &'a str, shape: &'a [usize]) -> Result<HostTensor<'a>> {
+        let entry = self.entry(name, shape)?;
+        Ok(HostTensor { name, dtype: entry.dtype, shape, map: &self.maps[entry.file], start: entry.start, end: entry.end })
     }
 
     /// A 1-D tensor (norm weight, bias) as f32.
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        Ok(self.read_f32(self.entry(name, &[len])?))
-    }
-
-    fn read_f32(&self, entry: &TensorEntry) -> Vec<f32> {
-        let bytes = &self.maps[entry.file][entry.start..entry.end];
-        // Read element by element from bytes: the data may sit at any alignment.
-        match entry.dtype {
-            WeightFormat::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            WeightFormat::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            WeightFormat::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        }
+        Ok(self.tensor(name, &[len])?.to_f32())
     }
 }
 

@@ -1,4 +1,4 @@
-//! How weight matrices are held in memory. A matrix is either a zero-copy view into a
+//! How the CPU backend holds weight matrices. A matrix is either a zero-copy view into a
 //! memory-mapped safetensors file (when the stored dtype is the requested one) or an owned,
 //! converted copy. Kernels read it through `WeightView`; compressed formats slot in as new
 //! variants of `WeightFormat` / `WeightView`.
@@ -8,39 +8,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use memmap2::Mmap;
 
-/// The in-memory format of weight matrices (`weights=` option). Arithmetic is always f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightFormat {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl WeightFormat {
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "f32" | "float32" => Some(WeightFormat::F32),
-            "f16" | "float16" => Some(WeightFormat::F16),
-            "bf16" | "bfloat16" => Some(WeightFormat::Bf16),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightFormat::F32 => "f32",
-            WeightFormat::F16 => "f16",
-            WeightFormat::Bf16 => "bf16",
-        }
-    }
-
-    pub fn bytes_per_element(self) -> usize {
-        match self {
-            WeightFormat::F32 => 4,
-            WeightFormat::F16 | WeightFormat::Bf16 => 2,
-        }
-    }
-}
+use crate::tensor::WeightFormat;
 
 /// Borrowed weights, row-major.
 #[derive(Clone, Copy)]

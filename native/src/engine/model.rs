@@ -1,0 +1,80 @@
+//! The loaded model on the backend `backend=` chose: one decoder type per backend behind one
+//! enum, so the rest of the engine is written once (`with_decoder!`).
+
+use std::path::Path;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::BackendKind;
+use crate::error::Result;
+use crate::model::config::ModelConfig;
+use crate::model::decoder::Decoder;
+use crate::tensor::WeightFormat;
+
+#[cfg(feature = "gpu")]
+use crate::backend::wgpu::WgpuBackend;
+
+pub enum Model {
+    Cpu(Decoder<CpuBackend>),
+    #[cfg(feature = "gpu")]
+    Gpu(Decoder<WgpuBackend>),
+}
+
+/// Runs `$body` with `$m` bound to the decoder, whatever its backend.
+#[macro_export]
+macro_rules! with_decoder {
+    ($model:expr, $m:ident => $body:expr) => {
+        match $model {
+            $crate::engine::Model::Cpu($m) => $body,
+            #[cfg(feature = "gpu")]
+            $crate::engine::Model::Gpu($m) => $body,
+        }
+    };
+}
+
+impl Model {
+    pub fn load(backend: &str, model_dir: &Path, cfg: ModelConfig, format: WeightFormat, fused: bool) -> Result<Self> {
+        match BackendKind::parse(backend)? {
+            BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
+            #[cfg(feature = "gpu")]
+            BackendKind::Gpu => Ok(Model::Gpu(Decoder::load(WgpuBackend::new(false)?, model_dir, cfg, format, fused)?)),
+            #[cfg(feature = "gpu")]
+            BackendKind::Auto => match WgpuBackend::new(true) {
+                Ok(b) => Ok(Model::Gpu(Decoder::load(b, model_dir, cfg, format, fused)?)),
+                Err(_) => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
+            },
+            #[cfg(not(feature = "gpu"))]
+            BackendKind::Auto => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
+            #[cfg(not(feature = "gpu"))]
+            BackendKind::Gpu => unreachable!("BackendKind::parse refuses gpu without the feature"),
+        }
+    }
+
+    pub fn cfg(&self) -> &ModelConfig {
+        with_decoder!(self, m => &m.cfg)
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        with_decoder!(self, m => m.format)
+    }
+
+    pub fn fused(&self) -> bool {
+        with_decoder!(self, m => m.fused)
+    }
+
+    pub fn weight_bytes(&self) -> usize {
+        with_decoder!(self, m => m.weight_bytes())
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        with_decoder!(self, m => m.parameter_count())
+    }
+
+    /// "cpu" or "gpu".
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Model::Cpu(_) => "cpu",
+            #[cfg(feature = "gpu")]
+            Model::Gpu(_) => "gpu",
+        }
+    }
+}

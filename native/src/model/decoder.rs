@@ -1,0 +1,252 @@
+//! The LLaMA-family decoder (Llama 1/2/3, Mistral, Qwen2), written once and generic over the
+//! compute backend: one struct per block with `load` and `forward`, weight names as in the
+//! checkpoint.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use super::checkpoint::Checkpoint;
+use super::config::ModelConfig;
+use super::rope::Rope;
+use crate::backend::{AttentionShape, Backend, CacheShape, StepInput, StepRow};
+use crate::error::Result;
+use crate::tensor::WeightFormat;
+
+/// y (n, out) = x (n, in) @ W^T (+ b)
+pub struct Linear<B: Backend> {
+    pub weight: B::Matrix, // (out, in)
+    pub bias: Option<B::Vector>,
+    bias_len: usize,
+}
+
+impl<B: Backend> Linear<B> {
+    fn load(b: &B, ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool, format: WeightFormat) -> Result<Self> {
+        let name = format!("{prefix}.weight");
+        let weight = b.upload_matrix(&ckpt.tensor(&name, &[out, inp])?, out, inp, format)?;
+        let bias = if bias { Some(b.upload_vector(&ckpt.vector(&format!("{prefix}.bias"), out)?)?) } else { None };
+        let bias_len = if bias.is_some() { out } else { 0 };
+        Ok(Linear { weight, bias, bias_len })
+    }
+
+    fn forward(&self, b: &B, n: usize, x: &B::Act, out: &mut B::Act) {
+        b.matmul(n, &self.weight, self.bias.as_ref(), x, out);
+    }
+
+    fn bytes(&self, b: &B) -> usize {
+        b.matrix_bytes(&self.weight) + self.bias_len * 4
+    }
+}
+
+pub struct DecoderLayer<B: Backend> {
+    input_layernorm: B::Vector,          // (hidden,)
+    q_proj: Linear<B>,                   // (heads * head_dim, hidden)
+    k_proj: Linear<B>,                   // (kv_heads * head_dim, hidden)
+    v_proj: Linear<B>,                   // (kv_heads * head_dim, hidden)
+    o_proj: Linear<B>,                   // (hidden, heads * head_dim)
+    post_attention_layernorm: B::Vector, // (hidden,)
+    gate_proj: Linear<B>,                // (ffn, hidden)
+    up_proj: Linear<B>,                  // (ffn, hidden)
+    down_proj: Linear<B>,                // (hidden, ffn)
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    fn load(b: &B, ckpt: &Checkpoint, cfg: &ModelConfig, i: usize, format: WeightFormat) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let (h, q, kv, ffn) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let norm = |name: &str| -> Result<B::Vector> { b.upload_vector(&ckpt.vector(&format!("{p}.{name}.weight"), h)?) };
+        Ok(DecoderLayer {
+            input_layernorm: norm("input_layernorm")?,
+            q_proj: Linear::load(b, ckpt, &format!("{p}.self_attn.q_proj"), q, h, cfg.qkv_bias, format)?,
+            k_proj: Linear::load(b, ckpt, &format!("{p}.self_attn.k_proj"), kv, h, cfg.qkv_bias, format)?,
+            v_proj: Linear::load(b, ckpt, &format!("{p}.self_attn.v_proj"), kv, h, cfg.qkv_bias, format)?,
+            o_proj: Linear::load(b, ckpt, &format!("{p}.self_attn.o_proj"), h, q, cfg.o_bias, format)?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            gate_proj: Linear::load(b, ckpt, &format!("{p}.mlp.gate_proj"), ffn, h, false, format)?,
+            up_proj: Linear::load(b, ckpt, &format!("{p}.mlp.up_proj"), ffn, h, false, format)?,
+            down_proj: Linear::load(b, ckpt, &format!("{p}.mlp.down_proj"), h, ffn, false, format)?,
+        })
+    }
+
+    fn bytes(&self, b: &B, hidden: usize) -> usize {
+        let linears = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj];
+        2 * hidden * 4 + linears.iter().map(|l| l.bytes(b)).sum::<usize>()
+    }
+}
+
+/// Per-step activation buffers, (rows, width) each, allocated for the largest step seen and
+/// reused by every later step.
+struct Workspace<B: Backend> {
+    rows: usize,
+    logit_rows: usize,
+    x: B::Act,
+    normed: B::Act,
+    q: B::Act,
+    k: B::Act,
+    v: B::Act,
+    attn: B::Act,
+    proj: B::Act,
+    gate: B::Act,
+    up: B::Act,
+    selected: B::Act,
+    logits: B::Act,
+}
+
+impl<B: Backend> Workspace<B> {
+    fn new(b: &B, c: &ModelConfig, rows: usize, logit_rows: usize) -> Result<Self> {
+        let (h, qd, kvd, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        Ok(Workspace {
+            rows,
+            logit_rows,
+            x: b.activation(rows, h)?,
+            normed: b.activation(rows, h)?,
+            q: b.activation(rows, qd)?,
+            k: b.activation(rows, kvd)?,
+            v: b.activation(rows, kvd)?,
+            attn: b.activation(rows, qd)?,
+            proj: b.activation(rows, h)?,
+            gate: b.activation(rows, ffn)?,
+            up: b.activation(rows, ffn)?,
+            selected: b.activation(logit_rows, h)?,
+            logits: b.activation(logit_rows, c.vocab_size)?,
+        })
+    }
+}
+
+pub struct Decoder<B: Backend> {
+    pub cfg: ModelConfig,
+    pub format: WeightFormat,
+    pub backend: B,
+    /// Fused kernels where the backend has them (`fused=False` keeps one op per dispatch).
+    pub fused: bool,
+    embed_tokens: B::Matrix, // (vocab, hidden)
+    layers: Vec<DecoderLayer<B>>,
+    norm: B::Vector, // (hidden,)
+    /// (vocab, hidden); None when tied to the embedding.
+    lm_head: Option<B::Matrix>,
+    rope: Rope,
+    work: Mutex<Option<Workspace<B>>>,
+}
+
+impl<B: Backend> Decoder<B> {
+    pub fn load(backend: B, model_dir: &Path, cfg: ModelConfig, format: WeightFormat, fused: bool) -> Result<Self> {
+        let b = &backend;
+        let ckpt = Checkpoint::open(model_dir)?;
+        let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let name = "model.embed_tokens.weight";
+        let embed_tokens = b.upload_matrix(&ckpt.tensor(name, &[vocab, h])?, vocab, h, format)?;
+        // Tied checkpoints may still carry an lm_head copy; transformers ignores it, so do we.
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(b.upload_matrix(&ckpt.tensor("lm_head.weight", &[vocab, h])?, vocab, h, format)?)
+        };
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(b, &ckpt, &cfg, i, format)).collect::<Result<_>>()?;
+        let norm = b.upload_vector(&ckpt.vector("model.norm.weight", h)?)?;
+        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling);
+        Ok(Decoder { cfg, format, backend, fused, embed_tokens, layers, norm, lm_head, rope, work: Mutex::new(None) })
+    }
+
+    /// Bytes of weights held (mapped or owned).
+    pub fn weight_bytes(&self) -> usize {
+        let b = &self.backend;
+        let h = self.cfg.hidden_size;
+        let lm = self.lm_head.as_ref().map_or(0, |m| b.matrix_bytes(m));
+        b.matrix_bytes(&self.embed_tokens) + lm + h * 4 + self.layers.iter().map(|l| l.bytes(b, h)).sum::<usize>()
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        let c = &self.cfg;
+        let (h, q, kv, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let bias = if c.qkv_bias { q + 2 * kv } else { 0 } + if c.o_bias { h } else { 0 };
+        let per_layer = 2 * h + h * q + 2 * h * kv + q * h + 3 * h * ffn + bias;
+        let lm = if c.tie_word_embeddings { 0 } else { c.vocab_size * h };
+        c.vocab_size * h + lm + h + c.num_hidden_layers * per_layer
+    }
+
+    /// A KV cache for `slots` sequences of up to `context` positions.
+    pub fn new_cache(&self, slots: usize, context: usize) -> Result<B::Cache> {
+        let c = &self.cfg;
+        self.backend.new_cache(CacheShape { layers: c.num_hidden_layers, kv_dim: c.kv_dim(), slots, context })
+    }
+
+    /// Runs `rows` (tokens of one or more sequences) through the model, appending their keys
+    /// and values to the cache at `row.slot`, and returns the logits (len(logit_rows), vocab)
+    /// of the rows listed in `logit_rows`. Token ids must be < vocab (checked by the caller).
+    /// Rows of one sequence must come in position order, and every earlier position must
+    /// already be in its cache or among the rows.
+    pub fn forward(&self, rows: &[StepRow], cache: &mut B::Cache, logit_rows: &[usize]) -> Result<Vec<f32>> {
+        let (b, c) = (&self.backend, &self.cfg);
+        let (n, m) = (rows.len(), logit_rows.len());
+        let mut guard = self.work.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.as_ref().is_none_or(|w| w.rows < n || w.logit_rows < m) {
+            // Grow to the larger of what is needed and what was held: shapes settle quickly.
+            let (old_n, old_m) = guard.as_ref().map_or((0, 0), |w| (w.rows, w.logit_rows));
+            *guard = None;
+            *guard = Some(Workspace::new(b, c, n.max(old_n), m.max(old_m))?);
+        }
+        let a = guard.as_mut().expect("workspace allocated above");
+        let mut rope = Vec::with_capacity(n * c.head_dim);
+        for r in rows {
+            self.rope.push_row(r.pos, &mut rope);
+        }
+        let step = b.begin_step(&StepInput { rows, rope: &rope, logit_rows })?;
+        b.embed(&step, &self.embed_tokens, &mut a.x);
+        for (l, layer) in self.layers.iter().enumerate() {
+            self.attention_block(&step, l, layer, n, cache, a);
+            self.mlp_block(layer, n, a);
+        }
+        b.rmsnorm_logit_rows(&step, &a.x, &self.norm, c.rms_norm_eps, &mut a.selected);
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        b.matmul(m, lm_head, None, &a.selected, &mut a.logits);
+        b.read(m, &a.logits)
+    }
+
+    /// x += o_proj(attention(rope(q), rope(k), v)) for one layer, writing k and v to the cache.
+    fn attention_block(&self, step: &B::Step, l: usize, layer: &DecoderLayer<B>, n: usize, cache: &mut B::Cache, a: &mut Workspace<B>) {
+        let (b, c) = (&self.backend, &self.cfg);
+        let eps = c.rms_norm_eps;
+        let hd = c.head_dim;
+        let shape = AttentionShape {
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: hd,
+            window: c.sliding_window,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        if self.fused {
+            let norm = &layer.input_layernorm;
+            b.norm_matmul(n, &a.x, norm, eps, &layer.q_proj.weight, layer.q_proj.bias.as_ref(), &mut a.normed, &mut a.q);
+            b.norm_matmul(n, &a.x, norm, eps, &layer.k_proj.weight, layer.k_proj.bias.as_ref(), &mut a.normed, &mut a.k);
+            b.norm_matmul(n, &a.x, norm, eps, &layer.v_proj.weight, layer.v_proj.bias.as_ref(), &mut a.normed, &mut a.v);
+            b.rope_kv_write(step, cache, l, &mut a.q, &mut a.k, &a.v, hd);
+            b.attention(step, cache, l, shape, &a.q, &mut a.attn);
+            b.matmul_add(n, &layer.o_proj.weight, layer.o_proj.bias.as_ref(), &a.attn, &mut a.proj, &mut a.x);
+            return;
+        }
+        b.rmsnorm(n, &a.x, &layer.input_layernorm, eps, &mut a.normed);
+        layer.q_proj.forward(b, n, &a.normed, &mut a.q);
+        layer.k_proj.forward(b, n, &a.normed, &mut a.k);
+        layer.v_proj.forward(b, n, &a.normed, &mut a.v);
+        b.rope(step, &mut a.q, &mut a.k, hd);
+        b.kv_write(step, cache, l, &a.k, &a.v);
+        b.attention(step, cache, l, shape, &a.q, &mut a.attn);
+        layer.o_proj.forward(b, n, &a.attn, &mut a.proj);
+        b.add(n, &mut a.x, &a.proj);
+    }
+
+    /// x += down(silu(gate(norm(x))) * up(norm(x)))
+    fn mlp_block(&self, layer: &DecoderLayer<B>, n: usize, a: &mut Workspace<B>) {
+        let (b, eps) = (&self.backend, self.cfg.rms_norm_eps);
+        b.rmsnorm(n, &a.x, &layer.post_attention_layernorm, eps, &mut a.normed);
+        if self.fused {
+            b.gate_up(n, &layer.gate_proj.weight, &layer.up_proj.weight, &a.normed, &mut a.gate, &mut a.up);
+            b.matmul_add(n, &layer.down_proj.weight, None, &a.gate, &mut a.proj, &mut a.x);
+            return;
+        }
+        layer.gate_proj.forward(b, n, &a.normed, &mut a.gate);
+        layer.up_proj.forward(b, n, &a.normed, &mut a.up);
+        b.silu_mul(n, &mut a.gate, &a.up);
+        layer.down_proj.forward(b, n, &a.gate, &mut a.proj);
+        b.add(n, &mut a.x, &a.proj);
+    }
+}
