@@ -112,6 +112,7 @@ pub trait Backend: Send + Sync + Sized {
     /// same function bit for bit.
     ///
     /// out (n, rows) = rmsnorm(x) @ W^T (+ bias), `normed` a scratch (n, cols).
+    #[allow(clippy::too_many_arguments)]
     fn norm_matmul(&self, n: usize, x: &Self::Act, norm: &Self::Vector, eps: f64, w: &Self::Matrix, bias: Option<&Self::Vector>, normed: &mut Self::Act, out: &mut Self::Act) {
         self.rmsnorm(n, x, norm, eps, normed);
         self.matmul(n, w, bias, normed, out);
@@ -121,13 +122,17 @@ pub trait Backend: Send + Sync + Sized {
         self.matmul(n, w, bias, y, scratch);
         self.add(n, x, scratch);
     }
-    /// gate (n, ffn) = silu(x @ G^T) * (x @ U^T), `up` a scratch (n, ffn).
-    fn gate_up(&self, n: usize, gw: &Self::Matrix, uw: &Self::Matrix, x: &Self::Act, gate: &mut Self::Act, up: &mut Self::Act) {
-        self.matmul(n, gw, None, x, gate);
-        self.matmul(n, uw, None, x, up);
+    /// gate (n, ffn) = silu(x' @ G^T) * (x' @ U^T) with x' = rmsnorm(x); `normed` (n, hidden)
+    /// and `up` (n, ffn) are scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_gate_up(&self, n: usize, x: &Self::Act, norm: &Self::Vector, eps: f64, gw: &Self::Matrix, uw: &Self::Matrix, normed: &mut Self::Act, gate: &mut Self::Act, up: &mut Self::Act) {
+        self.rmsnorm(n, x, norm, eps, normed);
+        self.matmul(n, gw, None, normed, gate);
+        self.matmul(n, uw, None, normed, up);
         self.silu_mul(n, gate, up);
     }
     /// Rotates q and k and writes k and v to the cache.
+    #[allow(clippy::too_many_arguments)]
     fn rope_kv_write(&self, step: &Self::Step, cache: &mut Self::Cache, layer: usize, q: &mut Self::Act, k: &mut Self::Act, v: &Self::Act, head_dim: usize) {
         self.rope(step, q, k, head_dim);
         self.kv_write(step, cache, layer, k, v);

@@ -36,9 +36,12 @@ impl Model {
         match BackendKind::parse(backend)? {
             BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
             #[cfg(feature = "gpu")]
-            BackendKind::Gpu => Ok(Model::Gpu(Decoder::load(WgpuBackend::new(false)?, model_dir, cfg, format, fused)?)),
+            BackendKind::Gpu => {
+                crate::backend::wgpu::check_shapes(cfg.head_dim)?;
+                Ok(Model::Gpu(Decoder::load(WgpuBackend::new(false)?, model_dir, cfg, format, fused)?))
+            }
             #[cfg(feature = "gpu")]
-            BackendKind::Auto => match WgpuBackend::new(true) {
+            BackendKind::Auto => match crate::backend::wgpu::check_shapes(cfg.head_dim).and_then(|_| WgpuBackend::new(true)) {
                 Ok(b) => Ok(Model::Gpu(Decoder::load(b, model_dir, cfg, format, fused)?)),
                 Err(_) => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
             },
@@ -67,6 +70,15 @@ impl Model {
 
     pub fn parameter_count(&self) -> usize {
         with_decoder!(self, m => m.parameter_count())
+    }
+
+    /// The GPU adapter's name and API (Metal, Vulkan) and the dispatches of the last step.
+    pub fn gpu_info(&self) -> Option<(String, &'static str, usize)> {
+        match self {
+            Model::Cpu(_) => None,
+            #[cfg(feature = "gpu")]
+            Model::Gpu(m) => Some((m.backend.adapter_name(), m.backend.api(), m.backend.dispatches_last_step())),
+        }
     }
 
     /// "cpu" or "gpu".

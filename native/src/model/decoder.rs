@@ -237,12 +237,13 @@ impl<B: Backend> Decoder<B> {
     /// x += down(silu(gate(norm(x))) * up(norm(x)))
     fn mlp_block(&self, layer: &DecoderLayer<B>, n: usize, a: &mut Workspace<B>) {
         let (b, eps) = (&self.backend, self.cfg.rms_norm_eps);
-        b.rmsnorm(n, &a.x, &layer.post_attention_layernorm, eps, &mut a.normed);
+        let norm = &layer.post_attention_layernorm;
         if self.fused {
-            b.gate_up(n, &layer.gate_proj.weight, &layer.up_proj.weight, &a.normed, &mut a.gate, &mut a.up);
+            b.norm_gate_up(n, &a.x, norm, eps, &layer.gate_proj.weight, &layer.up_proj.weight, &mut a.normed, &mut a.gate, &mut a.up);
             b.matmul_add(n, &layer.down_proj.weight, None, &a.gate, &mut a.proj, &mut a.x);
             return;
         }
+        b.rmsnorm(n, &a.x, norm, eps, &mut a.normed);
         layer.gate_proj.forward(b, n, &a.normed, &mut a.gate);
         layer.up_proj.forward(b, n, &a.normed, &mut a.up);
         b.silu_mul(n, &mut a.gate, &a.up);

@@ -1,0 +1,173 @@
+//! The WGSL kernels: embedded at build time from `shaders/`, assembled per weight format (one
+//! weight-load snippet per format concatenated in), compiled once per variant and cached.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::tensor::WeightFormat;
+
+const MATMUL: &str = include_str!("../../../../shaders/matmul.wgsl");
+const EMBED: &str = include_str!("../../../../shaders/embed.wgsl");
+const RMSNORM: &str = include_str!("../../../../shaders/rmsnorm.wgsl");
+const ROPE_KV: &str = include_str!("../../../../shaders/rope_kv.wgsl");
+const ATTENTION: &str = include_str!("../../../../shaders/attention.wgsl");
+const ELEMENTWISE: &str = include_str!("../../../../shaders/elementwise.wgsl");
+const WEIGHTS_F32: &str = include_str!("../../../../shaders/weights_f32.wgsl");
+const WEIGHTS_F16: &str = include_str!("../../../../shaders/weights_f16.wgsl");
+const WEIGHTS_BF16: &str = include_str!("../../../../shaders/weights_bf16.wgsl");
+
+/// How a kernel sees one binding.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Slot {
+    /// The per-dispatch parameters: a uniform block at a dynamic offset.
+    Params,
+    Read,
+    ReadWrite,
+}
+
+/// One kernel variant.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum KernelId {
+    Matmul { format: WeightFormat, gated: bool },
+    Embed(WeightFormat),
+    RmsNorm,
+    RopeKv,
+    Attention,
+    Elementwise,
+}
+
+impl KernelId {
+    /// Every variant, for shader validation.
+    pub fn all() -> Vec<KernelId> {
+        let formats = [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16];
+        let mut all: Vec<KernelId> = formats.iter().flat_map(|&f| [false, true].map(|g| KernelId::Matmul { format: f, gated: g })).collect();
+        all.extend(formats.iter().map(|&f| KernelId::Embed(f)));
+        all.extend([KernelId::RmsNorm, KernelId::RopeKv, KernelId::Attention, KernelId::Elementwise]);
+        all
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            KernelId::Matmul { format, gated } => format!("matmul_{}{}", format.name(), if gated { "_gated" } else { "" }),
+            KernelId::Embed(f) => format!("embed_{}", f.name()),
+            KernelId::RmsNorm => "rmsnorm".into(),
+            KernelId::RopeKv => "rope_kv".into(),
+            KernelId::Attention => "attention".into(),
+            KernelId::Elementwise => "elementwise".into(),
+        }
+    }
+
+    /// The assembled WGSL source.
+    pub fn source(self) -> String {
+        match self {
+            KernelId::Matmul { format, gated } => {
+                let body = MATMUL.replace("$GATED", if gated { "true" } else { "false" });
+                format!("{}\n{}\n{}", weight_snippet(format, "W", 1), weight_snippet(format, "U", 6), body)
+            }
+            KernelId::Embed(format) => format!("{}\n{}", weight_snippet(format, "W", 1), EMBED),
+            KernelId::RmsNorm => RMSNORM.into(),
+            KernelId::RopeKv => ROPE_KV.into(),
+            KernelId::Attention => ATTENTION.into(),
+            KernelId::Elementwise => ELEMENTWISE.into(),
+        }
+    }
+
+    /// The kernel's bindings, in binding order from 0.
+    pub fn slots(self) -> &'static [Slot] {
+        use Slot::*;
+        match self {
+            // params, W, X, Y, bias, norm weight, U
+            KernelId::Matmul { .. } => &[Params, Read, Read, ReadWrite, Read, Read, Read],
+            // params, table, Y, rows
+            KernelId::Embed(_) => &[Params, Read, ReadWrite, Read],
+            // params, X, Y, G, gather index
+            KernelId::RmsNorm => &[Params, Read, ReadWrite, Read, Read],
+            // params, Q, K, V, table, rows, K cache, V cache
+            KernelId::RopeKv => &[Params, ReadWrite, ReadWrite, Read, Read, Read, ReadWrite, ReadWrite],
+            // params, Q, K cache, V cache, out, rows
+            KernelId::Attention => &[Params, Read, Read, Read, ReadWrite, Read],
+            // params, A, B
+            KernelId::Elementwise => &[Params, ReadWrite, Read],
+        }
+    }
+}
+
+/// The weight-load functions of `format` for a matrix named `name` at `binding`.
+fn weight_snippet(format: WeightFormat, name: &str, binding: u32) -> String {
+    let template = match format {
+        WeightFormat::F32 => WEIGHTS_F32,
+        WeightFormat::F16 => WEIGHTS_F16,
+        WeightFormat::Bf16 => WEIGHTS_BF16,
+    };
+    template.replace("$W", name).replace("$B", &binding.to_string())
+}
+
+/// Size of one parameter block (a uniform at a dynamic offset): the largest offset alignment
+/// an adapter may require.
+pub const PARAMS_SLOT: u64 = 256;
+
+pub struct Kernel {
+    pub id: KernelId,
+    pub index: u64,
+    pub pipeline: ::wgpu::ComputePipeline,
+    pub layout: ::wgpu::BindGroupLayout,
+}
+
+/// Compiled kernels, created on first use and kept.
+#[derive(Default)]
+pub struct Kernels {
+    cache: Mutex<HashMap<KernelId, Arc<Kernel>>>,
+}
+
+impl Kernels {
+    pub fn get(&self, device: &::wgpu::Device, id: KernelId) -> Arc<Kernel> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let index = cache.len() as u64;
+        cache.entry(id).or_insert_with(|| Arc::new(build(device, id, index))).clone()
+    }
+}
+
+fn build(device: &::wgpu::Device, id: KernelId, index: u64) -> Kernel {
+    let name = id.name();
+    let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
+        label: Some(&name),
+        source: ::wgpu::ShaderSource::Wgsl(id.source().into()),
+    });
+    let entries: Vec<::wgpu::BindGroupLayoutEntry> = id
+        .slots()
+        .iter()
+        .enumerate()
+        .map(|(i, slot)| ::wgpu::BindGroupLayoutEntry {
+            binding: i as u32,
+            visibility: ::wgpu::ShaderStages::COMPUTE,
+            ty: match slot {
+                Slot::Params => ::wgpu::BindingType::Buffer {
+                    ty: ::wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: true,
+                    min_binding_size: std::num::NonZeroU64::new(PARAMS_SLOT),
+                },
+                Slot::Read | Slot::ReadWrite => ::wgpu::BindingType::Buffer {
+                    ty: ::wgpu::BufferBindingType::Storage { read_only: *slot == Slot::Read },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+            },
+            count: None,
+        })
+        .collect();
+    let layout = device.create_bind_group_layout(&::wgpu::BindGroupLayoutDescriptor { label: Some(&name), entries: &entries });
+    let pipeline_layout = device.create_pipeline_layout(&::wgpu::PipelineLayoutDescriptor {
+        label: Some(&name),
+        bind_group_layouts: &[&layout],
+        push_constant_ranges: &[],
+    });
+    let pipeline = device.create_compute_pipeline(&::wgpu::ComputePipelineDescriptor {
+        label: Some(&name),
+        layout: Some(&pipeline_layout),
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    Kernel { id, index, pipeline, layout }
+}

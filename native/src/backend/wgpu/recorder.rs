@@ -1,0 +1,174 @@
+//! Recording a step: every op appends one dispatch to a single compute pass; its parameters
+//! go to a slot of one uniform buffer (bound at a dynamic offset), so bind groups depend only
+//! on buffers and are created once. A read ends the pass, copies the result to a staging
+//! buffer, writes the parameters, submits once and waits.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::device::Gpu;
+use super::kernels::{Kernel, Slot, PARAMS_SLOT};
+use crate::error::{EngineError, Result};
+
+static NEXT_BUFFER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A device buffer with an identity (bind groups are cached by the identities they bind).
+pub struct GBuf {
+    pub buf: ::wgpu::Buffer,
+    pub id: u64,
+    pub size: u64,
+}
+
+impl GBuf {
+    pub fn new(gpu: &Gpu, label: &str, size: u64, usage: ::wgpu::BufferUsages) -> Arc<GBuf> {
+        let size = size.max(16).next_multiple_of(4);
+        let buf = gpu.device.create_buffer(&::wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false });
+        Arc::new(GBuf { buf, id: NEXT_BUFFER_ID.fetch_add(1, Ordering::Relaxed), size })
+    }
+
+    /// A storage buffer holding `bytes` (padded to 4 bytes).
+    pub fn with_data(gpu: &Gpu, label: &str, bytes: &[u8]) -> Arc<GBuf> {
+        let size = (bytes.len() as u64).max(16).next_multiple_of(4);
+        let buf = gpu.device.create_buffer(&::wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: storage_usage(),
+            mapped_at_creation: true,
+        });
+        buf.slice(..).get_mapped_range_mut()[..bytes.len()].copy_from_slice(bytes);
+        buf.unmap();
+        Arc::new(GBuf { buf, id: NEXT_BUFFER_ID.fetch_add(1, Ordering::Relaxed), size })
+    }
+}
+
+pub fn storage_usage() -> ::wgpu::BufferUsages {
+    ::wgpu::BufferUsages::STORAGE | ::wgpu::BufferUsages::COPY_SRC | ::wgpu::BufferUsages::COPY_DST
+}
+
+/// Workgroup counts for `groups` workgroups: x up to the per-dimension limit, the rest in y.
+pub fn grid(groups: u32) -> (u32, u32) {
+    const MAX: u32 = 65535;
+    let x = groups.clamp(1, MAX);
+    (x, groups.div_ceil(x).max(1))
+}
+
+pub struct Recorder {
+    encoder: Option<::wgpu::CommandEncoder>,
+    pass: Option<::wgpu::ComputePass<'static>>,
+    params: Vec<u8>,
+    params_buf: Arc<GBuf>,
+    bind_groups: HashMap<Vec<u64>, ::wgpu::BindGroup>,
+    staging: Option<Arc<GBuf>>,
+    /// Dispatches recorded since the last submit.
+    pub dispatches: usize,
+}
+
+impl Recorder {
+    pub fn new(gpu: &Gpu, max_dispatches: usize) -> Self {
+        let usage = ::wgpu::BufferUsages::UNIFORM | ::wgpu::BufferUsages::COPY_DST;
+        let params_buf = GBuf::new(gpu, "params", max_dispatches as u64 * PARAMS_SLOT, usage);
+        Recorder { encoder: None, pass: None, params: Vec::new(), params_buf, bind_groups: HashMap::new(), staging: None, dispatches: 0 }
+    }
+
+    /// Forget cached bind groups (after buffers they may hold were replaced).
+    pub fn clear_bind_groups(&mut self) {
+        self.bind_groups.clear();
+    }
+
+    /// Records one dispatch of `kernel` with `params` (at most PARAMS_SLOT bytes) over
+    /// `buffers` (bindings 1.. in order) and `groups` workgroups.
+    pub fn dispatch(&mut self, gpu: &Gpu, kernel: &Kernel, params: &[u8], buffers: &[&GBuf], groups: (u32, u32, u32)) {
+        debug_assert_eq!(buffers.len() + 1, kernel.id.slots().len(), "{}: bindings", kernel.id.name());
+        debug_assert!(params.len() as u64 <= PARAMS_SLOT);
+        let offset = self.params.len() as u64;
+        self.params.extend_from_slice(params);
+        self.params.resize((offset + PARAMS_SLOT) as usize, 0);
+        let mut key = Vec::with_capacity(buffers.len() + 2);
+        key.push(kernel.index);
+        key.push(self.params_buf.id);
+        key.extend(buffers.iter().map(|b| b.id));
+        if !self.bind_groups.contains_key(&key) {
+            let mut entries = vec![::wgpu::BindGroupEntry {
+                binding: 0,
+                resource: ::wgpu::BindingResource::Buffer(::wgpu::BufferBinding {
+                    buffer: &self.params_buf.buf,
+                    offset: 0,
+                    size: std::num::NonZeroU64::new(PARAMS_SLOT),
+                }),
+            }];
+            for (i, b) in buffers.iter().enumerate() {
+                debug_assert_ne!(kernel.id.slots()[i + 1], Slot::Params);
+                entries.push(::wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.buf.as_entire_binding() });
+            }
+            let group = gpu.device.create_bind_group(&::wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &kernel.layout,
+                entries: &entries,
+            });
+            self.bind_groups.insert(key.clone(), group);
+        }
+        if self.pass.is_none() {
+            let mut encoder = self.encoder.take().unwrap_or_else(|| gpu.device.create_command_encoder(&Default::default()));
+            let pass = encoder.begin_compute_pass(&Default::default()).forget_lifetime();
+            self.encoder = Some(encoder);
+            self.pass = Some(pass);
+        }
+        let pass = self.pass.as_mut().expect("pass opened above");
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &self.bind_groups[&key], &[offset as u32]);
+        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        self.dispatches += 1;
+    }
+
+    /// Submits everything recorded, copying `bytes` bytes of `src` back to the host.
+    pub fn submit_and_read(&mut self, gpu: &Gpu, src: &GBuf, bytes: u64) -> Result<Vec<u8>> {
+        if self.params.len() as u64 > self.params_buf.size {
+            // A step never records more dispatches than the model's fixed count; reaching
+            // this is a bug, reported rather than written out of bounds.
+            let needed = self.params.len() as u64 / PARAMS_SLOT;
+            self.reset();
+            return Err(EngineError::Backend("gpu".into(), format!("a step recorded {needed} dispatches, more than planned")));
+        }
+        self.pass = None; // ends the compute pass
+        let mut encoder = self.encoder.take().unwrap_or_else(|| gpu.device.create_command_encoder(&Default::default()));
+        let bytes = bytes.next_multiple_of(4).max(4);
+        if self.staging.as_ref().is_none_or(|s| s.size < bytes) {
+            let usage = ::wgpu::BufferUsages::MAP_READ | ::wgpu::BufferUsages::COPY_DST;
+            self.staging = Some(GBuf::new(gpu, "staging", bytes.next_power_of_two(), usage));
+        }
+        let staging = self.staging.clone().expect("staging allocated above");
+        encoder.copy_buffer_to_buffer(&src.buf, 0, &staging.buf, 0, bytes);
+        if !self.params.is_empty() {
+            gpu.queue.write_buffer(&self.params_buf.buf, 0, &self.params);
+        }
+        gpu.queue.submit([encoder.finish()]);
+        self.params.clear();
+        self.dispatches = 0;
+        let slice = staging.buf.slice(..bytes);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(::wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        gpu.device
+            .poll(::wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| EngineError::Backend("gpu".into(), format!("waiting for the device: {e}")))?;
+        gpu.take_error()?;
+        match rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(EngineError::Backend("gpu".into(), format!("reading results back: {e}"))),
+            Err(_) => return Err(EngineError::Backend("gpu".into(), "reading results back: the map request was dropped".into())),
+        }
+        let out = slice.get_mapped_range().to_vec();
+        staging.buf.unmap();
+        Ok(out)
+    }
+
+    /// Drops whatever was recorded and not submitted.
+    pub fn reset(&mut self) {
+        self.pass = None;
+        self.encoder = None;
+        self.params.clear();
+        self.dispatches = 0;
+    }
+}

@@ -1,0 +1,77 @@
+// Rotary embeddings in the "rotate half" layout (element i pairs with i + head_dim/2) of
+// q (n, q_heads * head_dim) and k (n, kv_heads * head_dim), in place, with the step's table
+// T (n, head_dim): cos then sin of each pair's angle at the row's position. With the write
+// flag, the rotated k and the v of each row also go to the layer's cache at (slot, pos):
+// RoPE and the KV write in one dispatch. Without the rotate flag it is only the KV write
+// (then any head split of kv_dim works: head_dim = kv_dim, one head). One thread per
+// (row, head, pair).
+
+struct Params {
+    n: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    write_kv: u32,  // 1: also write k and v to the cache
+    context: u32,   // positions per cache slot
+    grid_x: u32,    // threads along x (64 * workgroups)
+    rotate: u32,    // 0: only write k and v (the unfused KV write)
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read_write> Q: array<f32>;
+@group(0) @binding(2) var<storage, read_write> K: array<f32>;
+@group(0) @binding(3) var<storage, read> V: array<f32>;
+@group(0) @binding(4) var<storage, read> T: array<f32>;
+@group(0) @binding(5) var<storage, read> Rows: array<vec4<u32>>; // (slot, pos, token, 0)
+@group(0) @binding(6) var<storage, read_write> KC: array<f32>;   // (slots, context, kv_dim)
+@group(0) @binding(7) var<storage, read_write> VC: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let half = P.head_dim / 2u;
+    let heads = P.q_heads + P.kv_heads;
+    let id = gid.y * P.grid_x + gid.x;
+    if id >= P.n * heads * half {
+        return;
+    }
+    let i = id / (heads * half);
+    let h = (id / half) % heads;
+    let p = id % half;
+    var c = 1.0;
+    var s = 0.0;
+    if P.rotate != 0u {
+        c = T[i * P.head_dim + p];
+        s = T[i * P.head_dim + half + p];
+    }
+    if h < P.q_heads {
+        if P.rotate != 0u {
+            let a = (i * P.q_heads + h) * P.head_dim + p;
+            let x1 = Q[a];
+            let x2 = Q[a + half];
+            Q[a] = x1 * c - x2 * s;
+            Q[a + half] = x2 * c + x1 * s;
+        }
+        return;
+    }
+    let kh = h - P.q_heads;
+    let kv_dim = P.kv_heads * P.head_dim;
+    let a = i * kv_dim + kh * P.head_dim + p;
+    var k1 = K[a];
+    var k2 = K[a + half];
+    if P.rotate != 0u {
+        let x1 = k1;
+        let x2 = k2;
+        k1 = x1 * c - x2 * s;
+        k2 = x2 * c + x1 * s;
+        K[a] = k1;
+        K[a + half] = k2;
+    }
+    if P.write_kv != 0u {
+        let row = Rows[i];
+        let at = (row.x * P.context + row.y) * kv_dim + kh * P.head_dim + p;
+        KC[at] = k1;
+        KC[at + half] = k2;
+        VC[at] = V[a];
+        VC[at + half] = V[a + half];
+    }
+}
