@@ -22,6 +22,7 @@ def _with(section: str, **values):
 def test_defaults_are_sensible():
     cfg = parse_config(BASE)
     assert cfg.model.backend == "cpu" and cfg.model.weights == "f32" and cfg.model.max_batch == 32
+    assert cfg.model.fused is True
     assert cfg.sampling.max_tokens == 128 and cfg.sampling.temperature == 0.0
     assert cfg.output.format == "arrow" and cfg.output.passthrough == ()
     assert cfg.cluster.address is None and cfg.cluster.max_attempts == 3
@@ -58,6 +59,11 @@ def test_unknown_key_without_a_near_name_has_no_suggestion():
         (_with("sampling", temperature=True), "sampling.temperature"),
         (_with("sampling", top_p=1.5), "sampling.top_p"),
         (_with("model", backend="tpu"), "model.backend"),
+        (_with("model", backend="GPU"), "model.backend"),
+        (_with("model", backend="metal"), "model.backend"),
+        (_with("model", fused="yes"), "model.fused"),
+        (_with("model", fused=1), "model.fused"),
+        (_with("model", fused=None), "model.fused"),
         (_with("model", max_batch="8"), "model.max_batch"),
         (_with("output", format="csv"), "output.format"),
         (_with("input", shard_rows=0), "input.shard_rows"),
@@ -67,6 +73,56 @@ def test_unknown_key_without_a_near_name_has_no_suggestion():
 def test_wrong_type_or_value_names_the_field(data, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         parse_config(data)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "auto"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_backend_and_fused_values(backend, fused):
+    m = parse_config(_with("model", backend=backend, fused=fused)).model
+    assert m.backend == backend and m.fused is fused
+
+
+def test_a_bad_backend_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        parse_config(_with("model", backend="cuda"))
+    assert "'model.backend'" in str(e.value) and "'cuda'" in str(e.value)
+    assert all(f"'{name}'" in str(e.value) for name in ("cpu", "gpu", "auto"))
+
+
+def test_fused_misspelled_is_suggested():
+    with pytest.raises(ConfigError, match="did you mean 'model.fused'"):
+        parse_config(_with("model", fuse=False))
+
+
+def test_a_gpu_job_with_one_actor_per_gpu_parses(tmp_path: Path):
+    job = tmp_path / "job.yaml"
+    job.write_text("model: {path: m, backend: gpu, fused: false}\ninput: {path: d}\noutput: {path: o}\ncluster: {actors: per_gpu}\n")
+    cfg = load_config(job)
+    assert (cfg.model.backend, cfg.model.fused, cfg.cluster.actors) == ("gpu", False, "per_gpu")
+
+
+def test_engine_kwargs_are_every_model_field_and_engine_takes_them():
+    import inspect
+
+    from upg_batch.engine import Engine
+
+    m = parse_config(_with("model", backend="auto", weights="bf16", threads=2, max_batch=4, context=64, fused=False)).model
+    kwargs = m.engine_kwargs()
+    assert kwargs == {"backend": "auto", "weights": "bf16", "threads": 2, "max_batch": 4, "context": 64, "fused": False}
+    assert set(kwargs) == set(type(m).model_fields) - {"path"}
+    params = inspect.signature(Engine.__init__).parameters
+    assert set(kwargs) == set(params) - {"self", "model_dir"}, "Engine's arguments and the model section differ"
+
+
+def test_validate_report_names_the_backend():
+    from upg_batch.validate import format_report
+
+    model = {"path": "/m", "architecture": "LlamaForCausalLM", "context": 64, "chat_template": False}
+    report = {"model": model, "files": 1, "rows": 2, "shards": 1, "prompt_tokens": 5, "too_long": 0, "error_rows": 0, "error_kinds": {}, "examples": []}
+    gpu = format_report({**report, "model": {**model, "backend": "gpu", "adapter": "Apple M2"}})
+    assert "backend gpu on Apple M2," in gpu.splitlines()[0]
+    cpu = format_report({**report, "model": {**model, "backend": "cpu", "adapter": None}})
+    assert "backend cpu," in cpu.splitlines()[0]
 
 
 def test_missing_section_is_named():

@@ -53,3 +53,19 @@ def test_the_upg_batch_version_is_part_of_the_fingerprint(tmp_path: Path, monkey
     assert upgraded["job"] != first["job"]
     with pytest.raises(OutputError, match="its version differs"):
         Committer(out, upgraded, 1, "arrow")
+
+
+def test_fused_is_part_of_a_gpu_jobs_config_but_not_a_cpu_jobs():
+    from upg_batch.config import parse_config
+    from upg_batch.fingerprint import config_fields
+
+    def fields(**model):
+        return config_fields(parse_config({"model": {"path": "m", **model}, "input": {"path": "d"}, "output": {"path": "o"}}))
+
+    for backend in ("gpu", "auto"):
+        assert fields(backend=backend, fused=False) != fields(backend=backend, fused=True)
+        assert fields(backend=backend)["model"]["fused"] is True
+    # The CPU computes the same bits either way: its fingerprint stays as it was before the key existed.
+    assert fields(backend="cpu", fused=False) == fields(backend="cpu", fused=True)
+    assert fields()["model"] == {"backend": "cpu", "weights": "f32", "context": None}
+    assert fields(backend="gpu") != fields(backend="cpu")

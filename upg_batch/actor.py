@@ -55,7 +55,7 @@ class EngineActor:
         # as an actor creation failure wrapped in Ray's formatting.
         self.load_error: str | None = None
         try:
-            self.engine = Engine(m.path, backend=m.backend, weights=m.weights, threads=m.threads, max_batch=m.max_batch, context=m.context)
+            self.engine = Engine(m.path, **m.engine_kwargs())
             self.prompting = Prompting(self.engine, load_chat_template(m.path))
         except Exception as e:  # EngineError, OSError, a bad chat template, ...
             self.load_error = f"{type(e).__name__}: {e}"

@@ -33,11 +33,22 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     path: Path = Field(strict=False, description="Hugging Face model folder (config.json, *.safetensors, tokenizer.json).")
-    backend: Literal["cpu", "gpu"] = Field("cpu", description="Engine backend.")
+    backend: Literal["cpu", "gpu", "auto"] = Field(
+        "cpu", description="Engine backend: cpu, gpu (wgpu: Metal or Vulkan), or auto (a hardware GPU when there is one, else the CPU)."
+    )
     weights: Literal["f32", "f16", "bf16"] = Field("f32", description="How weights are held in memory.")
     threads: int | None = Field(None, ge=1, description="Compute threads per engine (null: all cores).")
     max_batch: int = Field(32, ge=1, description="Sequences an engine runs at once.")
     context: int | None = Field(None, ge=2, description="Longest sequence in tokens (null: the model's maximum).")
+    fused: bool = Field(
+        True,
+        description="Fused GPU kernels (norm into matmul, SwiGLU, residual add, RoPE with the KV write): fewer dispatches "
+        "per step, so faster; false runs one kernel per op (slower; to compare or to isolate a kernel). The CPU does not fuse.",
+    )
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `Engine(path, ...)` this section asks for (every field but path)."""
+        return {name: getattr(self, name) for name in type(self).model_fields if name != "path"}
 
 
 class InputSection(_Section):

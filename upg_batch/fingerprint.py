@@ -29,8 +29,14 @@ _EDGE = 1 << 16  # bytes hashed at each end of a weight file without a parseable
 
 def config_fields(cfg: JobConfig) -> dict[str, Any]:
     """The config fields that change what is written (not where it runs or how fast)."""
+    model: dict[str, Any] = {"backend": cfg.model.backend, "weights": cfg.model.weights, "context": cfg.model.context}
+    if cfg.model.backend != "cpu":
+        # The GPU's fused kernels sum in another order than its one-op kernels. The CPU does
+        # not fuse (the same bits either way), so a CPU job's fingerprint leaves it out, as
+        # it was before the key existed.
+        model["fused"] = cfg.model.fused
     return {
-        "model": {"backend": cfg.model.backend, "weights": cfg.model.weights, "context": cfg.model.context},
+        "model": model,
         "input": {
             "prompt_column": cfg.input.prompt_column,
             "messages_column": cfg.input.messages_column,

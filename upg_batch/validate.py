@@ -32,7 +32,7 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
     plan = make_plan(cfg)
     m = cfg.model
     try:
-        engine = Engine(m.path, backend=m.backend, weights=m.weights, threads=m.threads, max_batch=m.max_batch, context=m.context)
+        engine = Engine(m.path, **m.engine_kwargs())
     except (EngineError, OSError, ValueError) as e:
         raise ModelError(f"model.path {m.path}: the model does not load ({e})") from None
     prompting = Prompting(engine, template)
@@ -52,7 +52,15 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
     info = engine.info
     return {
         "config": "ok",
-        "model": {"path": str(Path(m.path)), "architecture": info.get("architecture"), "context": int(info["context"]), "chat_template": template is not None},
+        "model": {
+            "path": str(Path(m.path)),
+            "architecture": info.get("architecture"),
+            "context": int(info["context"]),
+            "chat_template": template is not None,
+            # what the engine runs on (with backend auto, what this machine picked)
+            "backend": info.get("backend", m.backend),
+            "adapter": info.get("adapter"),
+        },
         "files": len(plan.files),
         "rows": plan.total_rows,
         "shards": len(plan.shards),
@@ -71,10 +79,15 @@ def _id_text(ids: Any, i: int) -> Any:
         return ids[i].cast(pa.binary()).as_py().decode("utf-8", "replace")
 
 
+def _backend_text(model: dict[str, Any]) -> str:
+    adapter = model.get("adapter")
+    return f"{model['backend']} on {adapter}" if adapter else str(model["backend"])
+
+
 def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"config ok; model {r['model']['path']} loads ({r['model']['architecture']}, context {r['model']['context']}, "
-        f"chat template: {'yes' if r['model']['chat_template'] else 'no'})",
+        f"backend {_backend_text(r['model'])}, chat template: {'yes' if r['model']['chat_template'] else 'no'})",
         f"{r['files']} files, {r['rows']} rows, {r['shards']} shards, {r['prompt_tokens']} prompt tokens",
         f"{r['too_long']} rows too long for the context; {r['error_rows']} rows would be error rows"
         + (f" ({', '.join(f'{k}: {v}' for k, v in r['error_kinds'].items())})" if r["error_kinds"] else ""),
