@@ -1,11 +1,13 @@
 """Ray: connect (a local Ray bound to 127.0.0.1, or an existing cluster) and place actors.
 
-Actors are pinned to nodes by node affinity, `cluster.actors_per_node` per node (as many as
-the node's CPUs allow) or one per GPU, so every machine runs its own engine.
+Actors are pinned to nodes by node affinity, `cluster.actors_per_node` per node or one per GPU
+(each reserving that GPU from Ray), as many as the node's CPUs allow, so every machine runs its
+own engine.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -19,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from upg_batch.actor import EngineActor, node_label
 from upg_batch.config import ClusterSection
 
-__all__ = ["Slot", "connect", "node_alive", "plan_slots", "start_actor"]
+__all__ = ["Slot", "connect", "no_slots_message", "node_alive", "plan_slots", "shared_gpu_warnings", "start_actor"]
 
 log = logging.getLogger("upg_batch")
 
@@ -129,20 +131,56 @@ def node_alive(node_id: str) -> bool:
 
 
 def plan_slots(cluster: ClusterSection) -> list[Slot]:
-    """Where actors go: per node (as many of actors_per_node as its CPUs fit) or per GPU."""
+    """Where actors go: on every node, `actors_per_node` actors (per_node) or one per GPU that
+    Ray counts there (per_gpu, each reserving one GPU), as many as the node's CPUs fit."""
     slots: list[Slot] = []
     for n in sorted(_alive_nodes(), key=lambda n: n["NodeID"]):
         res = n.get("Resources", {})
         if cluster.actors == "per_gpu":
             count, gpus = int(res.get("GPU", 0)), 1.0
         else:
+            # Nothing reserved: a GPU engine runs anyway (on the adapter it picks), also on
+            # nodes where Ray counts no GPU at all.
             count, gpus = cluster.actors_per_node, 0.0
-            if cluster.num_cpus_per_actor > 0:
-                count = min(count, int(res.get("CPU", 0) // cluster.num_cpus_per_actor))
+        if cluster.num_cpus_per_actor > 0:
+            # An actor Ray cannot place would only wait out actor_start_timeout_s.
+            count = min(count, int(res.get("CPU", 0) // cluster.num_cpus_per_actor))
         label = node_label(n["NodeID"], n.get("NodeManagerAddress", "?"))
         for _ in range(count):
             slots.append(Slot(index=len(slots), node_id=n["NodeID"], node=label, num_gpus=gpus))
     return slots
+
+
+def no_slots_message(cluster: ClusterSection) -> str:
+    """Why plan_slots found no place for an actor."""
+    if cluster.actors == "per_gpu":
+        return (
+            "no Ray node can host an engine actor: cluster.actors is per_gpu and no node has both a GPU that Ray counts "
+            f"and the CPUs of cluster.num_cpus_per_actor ({cluster.num_cpus_per_actor:g}). Ray counts GPUs through their "
+            "compute drivers (CUDA, ROCm, oneAPI; Apple GPUs only in recent Ray releases), not through Vulkan: use "
+            "cluster.actors: per_node (model.backend: gpu works there too), or declare the GPUs (ray start --num-gpus N)"
+        )
+    return "no Ray node can host an engine actor (check cluster.num_cpus_per_actor / cluster.actors)"
+
+
+def shared_gpu_warnings(slots: list[Slot], backend: str) -> list[str]:
+    """Warnings for nodes where several GPU engines will run on one adapter.
+
+    Ray hands each per_gpu actor its GPU through CUDA_VISIBLE_DEVICES (or ROCm's or oneAPI's
+    variable). Vulkan ignores those: the GPU engine picks its adapter itself (the best
+    hardware one, or the one UPG_BATCH_GPU_ADAPTER names, by name, which cannot tell two
+    cards of one model apart), so every GPU engine of a node opens the same adapter.
+    """
+    if backend == "cpu":
+        return []
+    per_node = collections.Counter(s.node for s in slots if s.num_gpus > 0)
+    return [
+        f"{node}: {count} engine actors each reserve one GPU, but the {backend} engine cannot be pinned to the GPU "
+        "Ray assigned (it picks its adapter by type or by UPG_BATCH_GPU_ADAPTER's name): all of them run on the same "
+        "adapter, each with its own copy of the weights"
+        for node, count in sorted(per_node.items())
+        if count > 1
+    ]
 
 
 def start_actor(slot: Slot, cluster: ClusterSection, spec: Any, hooks: dict[str, str], now: float) -> None:

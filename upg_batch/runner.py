@@ -20,7 +20,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 
 from upg_batch.actor import test_hooks_from_env
 from upg_batch.chat import ChatTemplateError, load_chat_template
-from upg_batch.cluster import Slot, connect, kill_actor, node_alive, plan_slots, start_actor
+from upg_batch.cluster import Slot, connect, kill_actor, no_slots_message, node_alive, plan_slots, shared_gpu_warnings, start_actor
 from upg_batch.commit import Committer
 from upg_batch.config import JobConfig
 from upg_batch.fingerprint import fingerprint
@@ -222,7 +222,9 @@ class _Loop:
     def _start_actors(self) -> None:
         self.slots = plan_slots(self.cl)
         if not self.slots:
-            raise JobError("no Ray node can host an engine actor (check cluster.num_cpus_per_actor / cluster.actors)")
+            raise JobError(no_slots_message(self.cl))
+        for warning in shared_gpu_warnings(self.slots, self.cfg.model.backend):
+            log.warning("%s", warning)
         now = time.monotonic()
         for slot in self.slots:
             start_actor(slot, self.cl, self.spec, self.hooks, now)
