@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-test-deps.sh
+# The GPU tests run on the adapter named here; lavapipe (software Vulkan, installed above)
+# unless the caller names a real GPU (e.g. UPG_BATCH_GPU_ADAPTER=nvidia or apple).
+export UPG_BATCH_GPU_ADAPTER="${UPG_BATCH_GPU_ADAPTER:-llvmpipe}"
+# Mesa's Vulkan drivers complain on stderr when this is unset.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 python3 -m pip install --quiet --editable ".[test]"
 
 (cd native && cargo test --release --quiet)

@@ -130,9 +130,10 @@ impl NativeEngine {
         d.set_item("eos_token_ids", e.eos_token_ids.clone())?;
         d.set_item("bos_token_id", c.bos_token_id)?;
         d.set_item("simd", backend::cpu::matmul::simd_name())?;
-        if let Some((adapter, api, dispatches)) = e.model.gpu_info() {
+        if let Some((adapter, api, device_type, dispatches)) = e.model.gpu_info() {
             d.set_item("adapter", adapter)?;
             d.set_item("gpu_api", api)?;
+            d.set_item("gpu_device_type", device_type)?;
             // Dispatches of the last forward step (0 before the first one).
             d.set_item("dispatches_per_step", dispatches)?;
         }

@@ -6,6 +6,8 @@
 //! Reads (`read`) are the only points where a backend must finish its queued work, so a GPU
 //! backend records a whole step and submits it once.
 
+#[cfg(test)]
+mod conformance;
 pub mod cpu;
 #[cfg(feature = "gpu")]
 pub mod wgpu;
@@ -104,6 +106,8 @@ pub trait Backend: Send + Sync + Sized {
     fn add(&self, n: usize, x: &mut Self::Act, y: &Self::Act);
     /// out (m, d) = rmsnorm of the step's logit rows of x.
     fn rmsnorm_logit_rows(&self, step: &Self::Step, x: &Self::Act, w: &Self::Vector, eps: f64, out: &mut Self::Act);
+    /// x[..values.len()] = values, before any op of the step that reads x.
+    fn write(&self, x: &mut Self::Act, values: &[f32]) -> Result<()>;
     /// The first `n` rows of `x`, on the host. Finishes all queued work.
     fn read(&self, n: usize, x: &Self::Act) -> Result<Vec<f32>>;
 

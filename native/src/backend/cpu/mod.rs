@@ -170,6 +170,11 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn write(&self, x: &mut CpuAct, values: &[f32]) -> Result<()> {
+        x.data[..values.len()].copy_from_slice(values);
+        Ok(())
+    }
+
     fn read(&self, n: usize, x: &CpuAct) -> Result<Vec<f32>> {
         Ok(x.rows(n).to_vec())
     }

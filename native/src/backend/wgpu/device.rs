@@ -16,6 +16,8 @@ pub struct Gpu {
     pub queue: ::wgpu::Queue,
     pub info: ::wgpu::AdapterInfo,
     pub limits: ::wgpu::Limits,
+    /// Shaders may unpack f16 pairs to f32 (unpack2x16float), which f16 weights need.
+    pub f16_in_f32: bool,
     /// The first error the device reported outside a call that returns one (validation,
     /// out of memory, device lost); reported by the next read.
     pub error: Arc<Mutex<Option<String>>>,
@@ -68,6 +70,7 @@ pub fn open() -> Result<Gpu> {
     };
     let info = adapter.get_info();
     let limits = adapter.limits();
+    let f16_in_f32 = adapter.get_downlevel_capabilities().flags.contains(::wgpu::DownlevelFlags::SHADER_F16_IN_F32);
     let (device, queue) = pollster::block_on(adapter.request_device(&::wgpu::DeviceDescriptor {
         label: Some("upg-batch"),
         required_features: ::wgpu::Features::empty(),
@@ -88,7 +91,7 @@ pub fn open() -> Result<Gpu> {
         let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
         slot.get_or_insert_with(|| format!("device lost ({reason:?}): {message}"));
     });
-    Ok(Gpu { device, queue, info, limits, error })
+    Ok(Gpu { device, queue, info, limits, f16_in_f32, error })
 }
 
 impl Gpu {

@@ -171,3 +171,32 @@ fn build(device: &::wgpu::Device, id: KernelId, index: u64) -> Kernel {
     });
     Kernel { id, index, pipeline, layout }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::KernelId;
+
+    /// Every kernel variant parses and validates, and translates to Metal Shading Language
+    /// (what wgpu hands Metal on macOS) and SPIR-V (Vulkan), as naga does inside wgpu: what
+    /// Metal would reject fails here, on any machine.
+    #[test]
+    fn every_shader_translates_to_msl_and_spirv() {
+        for id in KernelId::all() {
+            let name = id.name();
+            let module = naga::front::wgsl::parse_str(&id.source()).unwrap_or_else(|e| panic!("{name}: WGSL: {}", e.emit_to_string(&id.source())));
+            // unpack2x16float (f16 weights) needs SHADER_FLOAT16_IN_FLOAT32, which wgpu grants
+            // on Vulkan and Metal (downlevel flag SHADER_F16_IN_F32); the backend checks it.
+            let caps = naga::valid::Capabilities::default() | naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+            let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{name}: validation: {e:?}"));
+            let options = naga::back::msl::Options { lang_version: (2, 4), ..Default::default() };
+            let (msl, _) = naga::back::msl::write_string(&module, &info, &options, &naga::back::msl::PipelineOptions::default())
+                .unwrap_or_else(|e| panic!("{name}: MSL: {e}"));
+            assert!(msl.contains("kernel void"), "{name}: no compute entry point in the MSL");
+            let spv = naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+                .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
+            assert_eq!(spv.first(), Some(&0x0723_0203), "{name}: not a SPIR-V module");
+        }
+    }
+}

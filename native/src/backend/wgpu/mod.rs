@@ -19,8 +19,9 @@ use super::{AttentionShape, Backend, CacheShape, StepInput};
 use crate::error::{EngineError, Result};
 use crate::tensor::{HostTensor, WeightFormat};
 
-/// Lowers the largest buffer the backend binds (bytes), to exercise splitting in tests.
-pub const MAX_BINDING_ENV: &str = "UPG_BATCH_GPU_MAX_BINDING";
+/// Lowers the largest buffer a weight matrix is held in (bytes), to exercise splitting with
+/// small models in tests.
+pub const MAX_WEIGHT_BUFFER_ENV: &str = "UPG_BATCH_GPU_MAX_WEIGHT_BUFFER";
 /// Parameter slots per step: far above what any model records (about 8-15 per layer).
 const MAX_DISPATCHES: usize = 8192;
 /// Batch rows per matmul workgroup (TB in matmul.wgsl).
@@ -70,6 +71,8 @@ pub struct WgpuBackend {
     /// Stand-ins for bindings an op does not use: one read-only, two writable.
     dummy: [Arc<GBuf>; 3],
     max_binding: u64,
+    /// Largest buffer of one weight matrix chunk (max_binding unless lowered for tests).
+    max_weight_buffer: u64,
     cache_pool: Mutex<Option<Arc<GCache>>>,
     last_dispatches: AtomicUsize,
 }
@@ -90,10 +93,11 @@ impl WgpuBackend {
         if hardware_only && gpu.is_software() {
             return Err(gpu_error(format!("{} is a software adapter", gpu.name())));
         }
-        let mut max_binding = (gpu.limits.max_storage_buffer_binding_size as u64).min(gpu.limits.max_buffer_size);
-        if let Some(v) = std::env::var(MAX_BINDING_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
-            max_binding = max_binding.min(v.max(1024));
-        }
+        let max_binding = (gpu.limits.max_storage_buffer_binding_size as u64).min(gpu.limits.max_buffer_size);
+        let max_weight_buffer = match std::env::var(MAX_WEIGHT_BUFFER_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
+            Some(v) => max_binding.min(v.max(16)),
+            None => max_binding,
+        };
         let rec = Mutex::new(Recorder::new(&gpu, MAX_DISPATCHES));
         let dummy = [0, 1, 2].map(|i| GBuf::new(&gpu, &format!("unused binding {i}"), 16, storage_usage()));
         Ok(WgpuBackend {
@@ -103,6 +107,7 @@ impl WgpuBackend {
             step_buffers: Mutex::default(),
             dummy,
             max_binding,
+            max_weight_buffer,
             cache_pool: Mutex::new(None),
             last_dispatches: AtomicUsize::new(0),
         })
@@ -114,6 +119,22 @@ impl WgpuBackend {
 
     pub fn api(&self) -> &'static str {
         self.gpu.api()
+    }
+
+    /// "discrete", "integrated", "virtual", "cpu" (a software driver) or "other".
+    pub fn device_type(&self) -> &'static str {
+        match self.gpu.info.device_type {
+            ::wgpu::DeviceType::DiscreteGpu => "discrete",
+            ::wgpu::DeviceType::IntegratedGpu => "integrated",
+            ::wgpu::DeviceType::VirtualGpu => "virtual",
+            ::wgpu::DeviceType::Cpu => "cpu",
+            ::wgpu::DeviceType::Other => "other",
+        }
+    }
+
+    /// Buffers the weights of one matrix occupy (more than one when split over bindings).
+    pub fn matrix_chunks(m: &GMatrix) -> usize {
+        m.chunks.len()
     }
 
     /// Dispatches recorded by the last step (a decode step's count does not depend on its rows).
@@ -225,8 +246,11 @@ impl Backend for WgpuBackend {
         if cols % 4 != 0 {
             return Err(EngineError::tensor("", t.name, format!("rows of {cols} elements: the GPU backend needs a multiple of 4")));
         }
+        if format == WeightFormat::F16 && !self.gpu.f16_in_f32 {
+            return Err(gpu_error(format!("{} cannot unpack f16 in shaders (no SHADER_F16_IN_F32); use weights=\"f32\" or \"bf16\"", self.gpu.name())));
+        }
         let row_bytes = (cols * format.bytes_per_element()) as u64;
-        let rows_per_chunk = (self.max_binding / row_bytes).min(u32::MAX as u64) as usize;
+        let rows_per_chunk = (self.max_weight_buffer / row_bytes).min(u32::MAX as u64) as usize;
         if rows_per_chunk == 0 {
             return Err(EngineError::tensor("", t.name, "one row is larger than this adapter's largest storage binding"));
         }
@@ -350,6 +374,14 @@ impl Backend for WgpuBackend {
 
     fn rmsnorm_logit_rows(&self, step: &GStep, x: &GAct, w: &Arc<GBuf>, eps: f64, out: &mut GAct) {
         self.rmsnorm_op(step.m, x, w, eps, out, Some(&step.logit_rows));
+    }
+
+    fn write(&self, x: &mut GAct, values: &[f32]) -> Result<()> {
+        if values.len() * 4 > x.buf.size as usize {
+            return Err(gpu_error("write past the end of an activation buffer"));
+        }
+        self.gpu.queue.write_buffer(&x.buf.buf, 0, bytemuck::cast_slice(values));
+        Ok(())
     }
 
     fn read(&self, n: usize, x: &GAct) -> Result<Vec<f32>> {
