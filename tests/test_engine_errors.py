@@ -503,8 +503,9 @@ def test_unknown_backend() -> None:
     expect_engine_error(lambda: Engine(MODELS / "llama-tiny", backend="tpu"), "backend", "tpu")
 
 
-def test_gpu_backend_names_the_missing_feature() -> None:
-    expect_engine_error(lambda: Engine(MODELS / "llama-tiny", backend="gpu"), "gpu", "feature")
+def test_gpu_adapter_that_does_not_exist_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UPG_BATCH_GPU_ADAPTER", "no-such-adapter-xyz")
+    expect_engine_error(lambda: Engine(MODELS / "llama-tiny", backend="gpu"), "UPG_BATCH_GPU_ADAPTER", "no-such-adapter-xyz")
 
 
 @pytest.mark.parametrize("arg, value", [
