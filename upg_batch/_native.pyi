@@ -5,7 +5,7 @@ plain values. tests/test_engine_stubs.py checks these stubs against the built mo
 from os import PathLike
 from typing import Any, Sequence, final
 
-__all__ = ["EngineError", "NativeEngine", "measure_read_bandwidth"]
+__all__ = ["EngineError", "NativeEngine", "measure_gpu_read_bandwidth", "measure_read_bandwidth"]
 
 # (max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)
 _NativeParams = tuple[int, float, int, float, float, int | None, Sequence[str], Sequence[int], bool]
@@ -38,3 +38,7 @@ class NativeEngine:
 def measure_read_bandwidth(bytes: int = ..., threads: int = 1, repeats: int = 5) -> float:
     """Memory read bandwidth of this machine in bytes/s: the best of `repeats` parallel reads
     of a `bytes`-sized buffer on `threads` threads (for benchmarks' ceilings)."""
+
+def measure_gpu_read_bandwidth(bytes: int = ..., repeats: int = 10) -> tuple[float, str]:
+    """Streaming read bandwidth of the GPU in bytes/s through a plain WGSL kernel, and the
+    adapter's name (the adapter the `gpu` backend would use)."""

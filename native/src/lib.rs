@@ -137,6 +137,18 @@ impl NativeEngine {
             // Dispatches of the last forward step (0 before the first one).
             d.set_item("dispatches_per_step", dispatches)?;
         }
+        if let Some((steps, dispatches, encode, wall, gpu)) = e.model.gpu_profile() {
+            // Totals since load, for benchmarks: CPU time recording steps, wall time from a
+            // step's first dispatch to its results on the host, GPU time of the steps' passes
+            // (timestamp queries; None where the adapter has none).
+            let p = PyDict::new(py);
+            p.set_item("steps", steps)?;
+            p.set_item("dispatches", dispatches)?;
+            p.set_item("encode_s", encode)?;
+            p.set_item("wall_s", wall)?;
+            p.set_item("gpu_s", gpu)?;
+            d.set_item("gpu_profile", p)?;
+        }
         Ok(d)
     }
 
@@ -168,10 +180,31 @@ fn measure_read_bandwidth(py: Python<'_>, bytes: usize, threads: usize, repeats:
     py.allow_threads(|| backend::cpu::membench::read_bandwidth(bytes, threads, repeats))
 }
 
+/// Streaming read bandwidth of the GPU in bytes/s through a plain WGSL kernel, and the
+/// adapter's name (the adapter the `gpu` backend would use).
+#[pyfunction]
+#[pyo3(signature = (bytes = 1 << 30, repeats = 10))]
+fn measure_gpu_read_bandwidth(py: Python<'_>, bytes: u64, repeats: u32) -> PyResult<(f64, String)> {
+    #[cfg(feature = "gpu")]
+    {
+        py.allow_threads(|| {
+            let b = backend::wgpu::WgpuBackend::new(false)?;
+            Ok((b.read_bandwidth(bytes, repeats)?, b.adapter_name()))
+        })
+        .map_err(to_py)
+    }
+    #[cfg(not(feature = "gpu"))]
+    {
+        let _ = (py, bytes, repeats);
+        Err(to_py(error::EngineError::Backend("gpu".into(), "built without the `gpu` feature".into())))
+    }
+}
+
 #[pymodule(name = "_native")]
 fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add_class::<NativeEngine>()?;
     m.add_function(wrap_pyfunction!(measure_read_bandwidth, m)?)?;
+    m.add_function(wrap_pyfunction!(measure_gpu_read_bandwidth, m)?)?;
     Ok(())
 }

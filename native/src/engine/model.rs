@@ -82,6 +82,18 @@ impl Model {
         }
     }
 
+    /// The GPU's step profile: (steps, dispatches, encode s, wall s, GPU s or None).
+    pub fn gpu_profile(&self) -> Option<(u64, u64, f64, f64, Option<f64>)> {
+        match self {
+            Model::Cpu(_) => None,
+            #[cfg(feature = "gpu")]
+            Model::Gpu(m) => {
+                let p = m.backend.profile();
+                Some((p.steps, p.dispatches, p.encode_s, p.wall_s, p.has_timestamps.then_some(p.gpu_s)))
+            }
+        }
+    }
+
     /// "cpu" or "gpu".
     pub fn backend_name(&self) -> &'static str {
         match self {

@@ -73,7 +73,8 @@ pub fn open() -> Result<Gpu> {
     let f16_in_f32 = adapter.get_downlevel_capabilities().flags.contains(::wgpu::DownlevelFlags::SHADER_F16_IN_F32);
     let (device, queue) = pollster::block_on(adapter.request_device(&::wgpu::DeviceDescriptor {
         label: Some("upg-batch"),
-        required_features: ::wgpu::Features::empty(),
+        // Timestamps time each step's pass for benchmarks, where the adapter has them.
+        required_features: adapter.features() & ::wgpu::Features::TIMESTAMP_QUERY,
         required_limits: limits.clone(),
         experimental_features: ::wgpu::ExperimentalFeatures::disabled(),
         memory_hints: ::wgpu::MemoryHints::Performance,

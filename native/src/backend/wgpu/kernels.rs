@@ -12,6 +12,7 @@ const RMSNORM: &str = include_str!("../../../../shaders/rmsnorm.wgsl");
 const ROPE_KV: &str = include_str!("../../../../shaders/rope_kv.wgsl");
 const ATTENTION: &str = include_str!("../../../../shaders/attention.wgsl");
 const ELEMENTWISE: &str = include_str!("../../../../shaders/elementwise.wgsl");
+const BANDWIDTH: &str = include_str!("../../../../shaders/bandwidth.wgsl");
 const WEIGHTS_F32: &str = include_str!("../../../../shaders/weights_f32.wgsl");
 const WEIGHTS_F16: &str = include_str!("../../../../shaders/weights_f16.wgsl");
 const WEIGHTS_BF16: &str = include_str!("../../../../shaders/weights_bf16.wgsl");
@@ -34,6 +35,8 @@ pub enum KernelId {
     RopeKv,
     Attention,
     Elementwise,
+    /// A plain streaming read (the bandwidth ceiling of benchmarks).
+    Bandwidth,
 }
 
 impl KernelId {
@@ -42,7 +45,7 @@ impl KernelId {
         let formats = [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16];
         let mut all: Vec<KernelId> = formats.iter().flat_map(|&f| [false, true].map(|g| KernelId::Matmul { format: f, gated: g })).collect();
         all.extend(formats.iter().map(|&f| KernelId::Embed(f)));
-        all.extend([KernelId::RmsNorm, KernelId::RopeKv, KernelId::Attention, KernelId::Elementwise]);
+        all.extend([KernelId::RmsNorm, KernelId::RopeKv, KernelId::Attention, KernelId::Elementwise, KernelId::Bandwidth]);
         all
     }
 
@@ -54,6 +57,7 @@ impl KernelId {
             KernelId::RopeKv => "rope_kv".into(),
             KernelId::Attention => "attention".into(),
             KernelId::Elementwise => "elementwise".into(),
+            KernelId::Bandwidth => "bandwidth".into(),
         }
     }
 
@@ -69,6 +73,7 @@ impl KernelId {
             KernelId::RopeKv => ROPE_KV.into(),
             KernelId::Attention => ATTENTION.into(),
             KernelId::Elementwise => ELEMENTWISE.into(),
+            KernelId::Bandwidth => BANDWIDTH.into(),
         }
     }
 
@@ -88,6 +93,8 @@ impl KernelId {
             KernelId::Attention => &[Params, Read, Read, Read, ReadWrite, Read],
             // params, A, B
             KernelId::Elementwise => &[Params, ReadWrite, Read],
+            // params, the buffer, an output never written in practice
+            KernelId::Bandwidth => &[Params, Read, ReadWrite],
         }
     }
 }

@@ -15,6 +15,7 @@ use self::device::Gpu;
 pub use self::device::ADAPTER_ENV;
 use self::kernels::{KernelId, Kernels};
 use self::recorder::{grid, storage_usage, GBuf, Recorder};
+pub use self::recorder::Profile;
 use super::{AttentionShape, Backend, CacheShape, StepInput};
 use crate::error::{EngineError, Result};
 use crate::tensor::{HostTensor, WeightFormat};
@@ -140,6 +141,38 @@ impl WgpuBackend {
     /// Dispatches recorded by the last step (a decode step's count does not depend on its rows).
     pub fn dispatches_last_step(&self) -> usize {
         self.last_dispatches.load(Ordering::Relaxed)
+    }
+
+    /// Streaming read bandwidth of the device in bytes/s: `repeats` reads of a buffer of up to
+    /// `bytes` (capped at one binding) in one pass, timed by timestamps where the adapter has
+    /// them, else by the wall clock around submit and wait.
+    pub fn read_bandwidth(&self, bytes: u64, repeats: u32) -> Result<f64> {
+        let size = bytes.min(self.max_binding) / 16 * 16;
+        let data = self.buffer("bandwidth probe", size)?;
+        let out = self.buffer("bandwidth probe output", 16)?;
+        let count = (size / 16) as u32;
+        let threads = 256 * 1024u32.min(count.div_ceil(256)).max(1) * 4;
+        let (gx, gy) = grid(threads / 256);
+        let params = u32s(&[count, gx * gy * 256]);
+        let run = |n: u32| -> Result<(f64, Profile)> {
+            let before = self.profile();
+            let t = std::time::Instant::now();
+            for _ in 0..n {
+                self.dispatch(KernelId::Bandwidth, &params, &[&data, &out], (gx, gy, 1));
+            }
+            self.rec().submit_and_read(&self.gpu, &out, 4)?;
+            let after = self.profile();
+            Ok((t.elapsed().as_secs_f64(), Profile { gpu_s: after.gpu_s - before.gpu_s, ..after }))
+        };
+        run(1)?; // warm up: compile, first touch
+        let (wall, p) = run(repeats.max(1))?;
+        let seconds = if p.has_timestamps && p.gpu_s > 0.0 { p.gpu_s } else { wall };
+        Ok(size as f64 * repeats.max(1) as f64 / seconds)
+    }
+
+    /// Totals of recorded and submitted steps (for benchmarks).
+    pub fn profile(&self) -> Profile {
+        self.rec().profile
     }
 
     fn rec(&self) -> MutexGuard<'_, Recorder> {

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::device::Gpu;
 use super::kernels::{Kernel, Slot, PARAMS_SLOT};
@@ -62,13 +63,66 @@ pub struct Recorder {
     staging: Option<Arc<GBuf>>,
     /// Dispatches recorded since the last submit.
     pub dispatches: usize,
+    /// Timestamps at the beginning and end of the pass, where the adapter has them.
+    timestamps: Option<Timestamps>,
+    /// When the first dispatch of the step was recorded.
+    first_dispatch: Option<Instant>,
+    pub profile: Profile,
+}
+
+struct Timestamps {
+    set: ::wgpu::QuerySet,
+    resolve: ::wgpu::Buffer,
+    read: ::wgpu::Buffer,
+    period_ns: f64,
+}
+
+/// Totals over submitted steps: CPU time spent recording (first dispatch to submit), wall
+/// time from the first dispatch to the results on the host, and GPU time of the pass
+/// (timestamp queries; zero where the adapter has none).
+#[derive(Default, Clone, Copy, Debug)]
+pub struct Profile {
+    pub steps: u64,
+    pub dispatches: u64,
+    pub encode_s: f64,
+    pub wall_s: f64,
+    pub gpu_s: f64,
+    pub has_timestamps: bool,
 }
 
 impl Recorder {
     pub fn new(gpu: &Gpu, max_dispatches: usize) -> Self {
         let usage = ::wgpu::BufferUsages::UNIFORM | ::wgpu::BufferUsages::COPY_DST;
         let params_buf = GBuf::new(gpu, "params", max_dispatches as u64 * PARAMS_SLOT, usage);
-        Recorder { encoder: None, pass: None, params: Vec::new(), params_buf, bind_groups: HashMap::new(), staging: None, dispatches: 0 }
+        let timestamps = gpu.device.features().contains(::wgpu::Features::TIMESTAMP_QUERY).then(|| Timestamps {
+            set: gpu.device.create_query_set(&::wgpu::QuerySetDescriptor { label: Some("pass time"), ty: ::wgpu::QueryType::Timestamp, count: 2 }),
+            resolve: gpu.device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some("pass time resolve"),
+                size: 16,
+                usage: ::wgpu::BufferUsages::QUERY_RESOLVE | ::wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }),
+            read: gpu.device.create_buffer(&::wgpu::BufferDescriptor {
+                label: Some("pass time read"),
+                size: 16,
+                usage: ::wgpu::BufferUsages::MAP_READ | ::wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            period_ns: gpu.queue.get_timestamp_period() as f64,
+        });
+        let profile = Profile { has_timestamps: timestamps.is_some(), ..Default::default() };
+        Recorder {
+            encoder: None,
+            pass: None,
+            params: Vec::new(),
+            params_buf,
+            bind_groups: HashMap::new(),
+            staging: None,
+            dispatches: 0,
+            timestamps,
+            first_dispatch: None,
+            profile,
+        }
     }
 
     /// Forget cached bind groups (after buffers they may hold were replaced).
@@ -109,8 +163,15 @@ impl Recorder {
             self.bind_groups.insert(key.clone(), group);
         }
         if self.pass.is_none() {
+            self.first_dispatch.get_or_insert_with(Instant::now);
             let mut encoder = self.encoder.take().unwrap_or_else(|| gpu.device.create_command_encoder(&Default::default()));
-            let pass = encoder.begin_compute_pass(&Default::default()).forget_lifetime();
+            // Only the step's first pass is timed (a step records one pass).
+            let timestamp_writes = self.timestamps.as_ref().filter(|_| self.dispatches == 0).map(|t| ::wgpu::ComputePassTimestampWrites {
+                query_set: &t.set,
+                beginning_of_pass_write_index: Some(0),
+                end_of_pass_write_index: Some(1),
+            });
+            let pass = encoder.begin_compute_pass(&::wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes }).forget_lifetime();
             self.encoder = Some(encoder);
             self.pass = Some(pass);
         }
@@ -139,12 +200,26 @@ impl Recorder {
         }
         let staging = self.staging.clone().expect("staging allocated above");
         encoder.copy_buffer_to_buffer(&src.buf, 0, &staging.buf, 0, bytes);
+        let timed = self.dispatches > 0 && self.timestamps.is_some();
+        if let Some(t) = self.timestamps.as_ref().filter(|_| timed) {
+            encoder.resolve_query_set(&t.set, 0..2, &t.resolve, 0);
+            encoder.copy_buffer_to_buffer(&t.resolve, 0, &t.read, 0, 16);
+        }
         if !self.params.is_empty() {
             gpu.queue.write_buffer(&self.params_buf.buf, 0, &self.params);
         }
+        let started = self.first_dispatch.take();
+        if let Some(s) = started {
+            self.profile.encode_s += s.elapsed().as_secs_f64();
+        }
         gpu.queue.submit([encoder.finish()]);
+        self.profile.steps += 1;
+        self.profile.dispatches += self.dispatches as u64;
         self.params.clear();
         self.dispatches = 0;
+        if let Some(t) = self.timestamps.as_ref().filter(|_| timed) {
+            t.read.slice(..).map_async(::wgpu::MapMode::Read, |_| {});
+        }
         let slice = staging.buf.slice(..bytes);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(::wgpu::MapMode::Read, move |r| {
@@ -161,11 +236,20 @@ impl Recorder {
         }
         let out = slice.get_mapped_range().to_vec();
         staging.buf.unmap();
+        if let Some(t) = self.timestamps.as_ref().filter(|_| timed) {
+            let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&t.read.slice(..).get_mapped_range());
+            t.read.unmap();
+            self.profile.gpu_s += ticks[1].saturating_sub(ticks[0]) as f64 * t.period_ns * 1e-9;
+        }
+        if let Some(s) = started {
+            self.profile.wall_s += s.elapsed().as_secs_f64();
+        }
         Ok(out)
     }
 
     /// Drops whatever was recorded and not submitted.
     pub fn reset(&mut self) {
+        self.first_dispatch = None;
         self.pass = None;
         self.encoder = None;
         self.params.clear();
