@@ -33,8 +33,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read> Bias: array<f32>;
 @group(0) @binding(5) var<storage, read> G: array<vec4<f32>>;
 
-var<workgroup> red: array<f32, 512>; // (2 * TB, WG): per-thread partial sums
-var<workgroup> inv: array<f32, TB>;
+var<workgroup> red: array<f32, 768>; // (3 * TB, WG): partial sums of W.x, U.x and x.x
 
 // Tree-sums red[s * WG ..] for s < sets; the result lands in red[s * WG].
 fn tree(t: u32, sets: u32) {
@@ -58,25 +57,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let b0 = wg.z * TB;
     let c4 = P.cols / 4u;
     let norm = (P.flags & FLAG_NORM) != 0u;
-    if norm {
-        for (var j = 0u; j < TB; j++) {
-            var ss = 0.0;
-            if b0 + j < P.n {
-                for (var k = t; k < c4; k += WG) {
-                    let v = X[(b0 + j) * c4 + k];
-                    ss += dot(v, v);
-                }
-            }
-            red[j * WG + t] = ss;
-        }
-        tree(t, TB);
-        if t < TB {
-            inv[t] = inverseSqrt(red[t * WG] / f32(P.cols) + P.eps);
-        }
-        workgroupBarrier();
-    }
+    // With the norm folded in: sum_k w_k (x_k inv g_k) = inv * sum_k w_k (x_k g_k), and the
+    // sum of squares behind inv is gathered in the same pass over x.
     var acc: array<f32, TB>;
     var acc_u: array<f32, TB>;
+    var ss: array<f32, TB>;
     for (var k = t; k < c4; k += WG) {
         let w = load_W(r * c4 + k);
         var u = vec4<f32>(0.0);
@@ -91,7 +76,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             if b0 + j < P.n {
                 var x = X[(b0 + j) * c4 + k];
                 if norm {
-                    x = x * inv[j] * g;
+                    ss[j] += dot(x, x);
+                    x = x * g;
                 }
                 acc[j] += dot(w, x);
                 if GATED {
@@ -100,23 +86,34 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             }
         }
     }
-    let sets = select(TB, 2u * TB, GATED);
     for (var j = 0u; j < TB; j++) {
         red[j * WG + t] = acc[j];
-        if GATED {
-            red[(TB + j) * WG + t] = acc_u[j];
-        }
+        red[(TB + j) * WG + t] = acc_u[j];
+        red[(2u * TB + j) * WG + t] = ss[j];
+    }
+    var sets = TB;
+    if GATED {
+        sets = 2u * TB;
+    }
+    if norm {
+        sets = 3u * TB;
     }
     tree(t, sets);
     if t < TB && b0 + t < P.n {
         let j = t;
         let at = (b0 + j) * P.ld + P.row_offset + r;
         var v = red[j * WG];
+        var vu = red[(TB + j) * WG];
+        if norm {
+            let inv = inverseSqrt(red[(2u * TB + j) * WG] / f32(P.cols) + P.eps);
+            v = v * inv;
+            vu = vu * inv;
+        }
         if (P.flags & FLAG_BIAS) != 0u {
             v += Bias[P.row_offset + r];
         }
         if GATED {
-            v = v / (1.0 + exp(-v)) * red[(TB + j) * WG];
+            v = v / (1.0 + exp(-v)) * vu;
         }
         if (P.flags & FLAG_ACCUMULATE) != 0u {
             v = Y[at] + v;
