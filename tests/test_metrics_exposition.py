@@ -243,37 +243,51 @@ def test_bad_outcome_is_refused():
         m.rows_done("maybe", 1)
 
 
+class _WatchedCondition(threading.Condition):
+    """JobMetrics' scrape condition, telling the test when stop() starts waiting on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+        self.waiting = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        self.waiting.set()
+        return super().wait(timeout)
+
+
 def test_stop_waits_for_a_final_scrape_only_when_scraped():
     import time
 
     m = JobMetrics(model="tiny", port=free_port())
+    m._scraped = watched = _WatchedCondition()
     m.start()
-    t0 = time.monotonic()
-    m.stop()  # never scraped: no wait
-    assert time.monotonic() - t0 < 1.0
+    m.stop()  # never scraped: no wait at all
+    assert watched.waits == []
+    assert m.url is None
 
+    # Scraped twice, 1 s apart: stop() waits for two more scrapes (at most 3 x 1 s + 1 s).
     m = JobMetrics(model="tiny", port=free_port())
+    m._scraped = watched = _WatchedCondition()
     m.start()
-    url, got, done = m.url, [], threading.Event()
-
-    def scraper() -> None:  # a Prometheus stand-in: scrape every 0.3 s, keep the last rows value
-        while not done.is_set():
-            try:
-                fams = scrape(url)
-            except OSError:
-                return
-            got.append(sum(s.value for s in fams["upg_batch_rows_total"][2]))
-            time.sleep(0.3)
-
-    thread = threading.Thread(target=scraper)
-    thread.start()
-    while len(got) < 2:
-        time.sleep(0.05)
+    url = m.url
+    scrape(url)
+    time.sleep(1.0)
+    scrape(url)
     m.rows_done("ok", 7)  # the job's last commit, right before it ends
     t0 = time.monotonic()
-    m.stop()
+    stopper = threading.Thread(target=m.stop)
+    stopper.start()
+    assert watched.waiting.wait(timeout=60), "stop() did not wait for a final scrape"
+    budget = watched.waits[0]  # how long stop() was prepared to wait, by its own figures
+    assert budget is not None and 3.0 < budget <= 30.0, watched.waits
+    final = scrape(url)["upg_batch_rows_total"][2]
+    assert sum(s.value for s in final) == 7  # the final value is served while stop() waits
+    assert stopper.is_alive() or time.monotonic() - t0 >= budget, "stop() returned after one fresh scrape"
+    scrape(url)
+    stopper.join(timeout=60)
     waited = time.monotonic() - t0
-    done.set()
-    thread.join()
-    assert got[-1] == 7, got  # the final value was served before the port closed
-    assert waited < 2.0
+    assert not stopper.is_alive() and m.url is None
+    # it returned on the second fresh scrape, not at the end of its budget
+    assert waited < budget - 1.0, (waited, watched.waits)
