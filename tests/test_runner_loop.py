@@ -104,7 +104,10 @@ def test_final_stats_poll_waits_once_for_all_actors(tmp_path: Path, monkeypatch)
         waits.append((list(refs), num_returns, timeout))
         return [r for r in refs if r != "hung"], [r for r in refs if r == "hung"]
 
+    gets: list[str] = []
+
     def fake_get(ref, timeout=None):
+        gets.append(ref)
         if ref == "hung":  # a hung actor: a get on it would block for the whole timeout
             time.sleep(timeout or 0)
             raise runner_mod.GetTimeoutError("hung")
@@ -112,8 +115,7 @@ def test_final_stats_poll_waits_once_for_all_actors(tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr(runner_mod.ray, "wait", fake_wait)
     monkeypatch.setattr(runner_mod.ray, "get", fake_get)
-    t0 = time.monotonic()
     loop._final_stats_poll()
-    assert time.monotonic() - t0 < 2
     assert waits == [(["hung", "fine"], 2, pytest.approx(10.0))]
+    assert gets == ["fine"]  # the hung actor, not ready after the one wait, is not waited on again
     assert [(n, k) for n, k, _ in metrics.engine] == [("fine", "fine-0")]
