@@ -4,6 +4,7 @@ serialized without mixing their results."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -74,7 +75,12 @@ def test_stats_are_live_during_generate() -> None:
 
 def test_python_threads_run_during_generate() -> None:
     eng = Engine(LLAMA, max_batch=8, threads=1)
+    # One generate call long enough to tell on any machine: sized from a timed sample call.
     prompts, params = long_workload(n=16, max_tokens=150)
+    start = time.perf_counter()
+    eng.generate(prompts, params)
+    sample_s = time.perf_counter() - start
+    prompts = prompts * max(1, math.ceil(0.25 / sample_s))  # each copy takes about sample_s
     ticks = 0
     t, box = run_in_thread(lambda: eng.generate(prompts, params))
     start = time.perf_counter()
