@@ -12,6 +12,7 @@ import pytest
 from conftest import read_output, write_job, write_prompts
 
 import upg_batch.runner as runner_mod
+from upg_batch.cluster import Slot
 from upg_batch.commit import MANIFEST, Committer
 from upg_batch.config import load_config
 from upg_batch.fingerprint import fingerprint
@@ -119,3 +120,42 @@ def test_final_stats_poll_waits_once_for_all_actors(tmp_path: Path, monkeypatch)
     assert waits == [(["hung", "fine"], 2, pytest.approx(10.0))]
     assert gets == ["fine"]  # the hung actor, not ready after the one wait, is not waited on again
     assert [(n, k) for n, k, _ in metrics.engine] == [("fine", "fine-0")]
+
+
+def test_an_actor_death_charges_the_shard_it_ran_or_isolates_the_suspects(tmp_path: Path, monkeypatch):
+    """An actor died holding shards 0 and 1 (2 pending): the one its last stats poll said was
+    running is charged; with no such poll, both become suspects, uncharged, and run alone."""
+    loop, committer, _ = _loop(tmp_path, max_attempts=2)  # shards 0, 1, 2
+    started: list[str] = []
+    monkeypatch.setattr(runner_mod.ray, "wait", lambda refs, num_returns=1, timeout=None: ([], list(refs)))  # no result came back
+    monkeypatch.setattr(runner_mod, "kill_actor", lambda slot: None)
+    monkeypatch.setattr(runner_mod, "node_alive", lambda node_id: True)
+    monkeypatch.setattr(runner_mod, "start_actor", lambda slot, *args: started.append(slot.key))
+
+    def died_holding_0_and_1(current: int | None) -> Slot:
+        slot = Slot(index=0, node_id="n", node="n1", num_gpus=0.0, key="0.0", state="ready", current=current)
+        loop.pending.clear()
+        loop.pending.append(2)
+        loop.suspects.clear()
+        loop.failures.clear()
+        for index in (0, 1):
+            slot.queue.append(f"ref{index}")
+            loop.inflight[f"ref{index}"] = (slot, index, 1)
+        loop._actor_gone(slot, "engine actor on n1 died: boom")
+        assert not loop.inflight and not slot.queue and started[-1] == slot.key
+        return slot
+
+    died_holding_0_and_1(current=1)
+    assert dict(loop.failures) == {1: 1} and loop.suspects == {1}
+    assert list(loop.pending) == [1, 0, 2]
+
+    slot = died_holding_0_and_1(current=None)
+    assert not loop.failures and loop.suspects == {0, 1}
+    assert list(loop.pending) == [0, 1, 2]
+    assert loop.stats.restarts == 2
+    # a suspect goes only to an idle actor, and nothing joins it there
+    assert loop._next_for(slot) == 0
+    slot.queue.append("ref0")
+    loop.inflight["ref0"] = (slot, 0, 2)
+    assert loop._next_for(slot) is None
+    committer.close()
