@@ -4,12 +4,14 @@
 //
 // One workgroup per (output row, tile of TB batch rows). Each of its WG threads sums the
 // fixed strided subset k = t, t + WG, ... of the row, then a fixed tree sums the threads: an
-// output element is reduced in the same order whatever n is, so a batch row gives
-// bit-identical results alone or in any batch. Each weight load serves TB batch rows.
+// output element is reduced in the same order whatever n and TB are, so a batch row gives
+// bit-identical results alone or in any batch. Each weight load serves TB batch rows (TB is
+// chosen per dispatch from n: 1, 4 or 16), and the tiles of one output row are consecutive
+// workgroups, so a row's weights read by one tile are still in cache for the next.
 // Weight loads (load_W, load_U) come from a format snippet (weights_*.wgsl).
 
 const WG: u32 = 64u;
-const TB: u32 = 4u;
+const TB: u32 = $TBu;
 const GATED: bool = $GATED;
 
 const FLAG_BIAS: u32 = 1u;
@@ -23,8 +25,9 @@ struct Params {
     flags: u32,
     row_offset: u32, // first output column of this chunk
     ld: u32,         // row stride of y
-    grid_x: u32,     // workgroups along x (rows wrap into y beyond it)
+    grid_x: u32,     // workgroups along x (the rest wrap into y beyond it)
     eps: f32,
+    tiles: u32,      // batch tiles per output row: ceil(n / TB)
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -33,7 +36,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read> Bias: array<f32>;
 @group(0) @binding(5) var<storage, read> G: array<vec4<f32>>;
 
-var<workgroup> red: array<f32, 768>; // (3 * TB, WG): partial sums of W.x, U.x and x.x
+var<workgroup> red: array<f32, $RED>; // (3 * TB, WG): partial sums of W.x, U.x and x.x
 
 // Tree-sums red[s * WG ..] for s < sets; the result lands in red[s * WG].
 fn tree(t: u32, sets: u32) {
@@ -50,11 +53,12 @@ fn tree(t: u32, sets: u32) {
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let r = wg.y * P.grid_x + wg.x;
+    let id = wg.y * P.grid_x + wg.x;
+    let r = id / P.tiles;
     if r >= P.rows {
         return; // uniform: the whole workgroup leaves
     }
-    let b0 = wg.z * TB;
+    let b0 = (id % P.tiles) * TB;
     let c4 = P.cols / 4u;
     let norm = (P.flags & FLAG_NORM) != 0u;
     // With the norm folded in: sum_k w_k (x_k inv g_k) = inv * sum_k w_k (x_k g_k), and the

@@ -73,7 +73,8 @@ fn one_step<B: Backend>(b: &B, rows: &[StepRow], rope: &[f32], logit_rows: &[usi
 /// Tolerance: 1e-5 x sqrt(cols) relative to max(|ref|, 1), f32 accumulation over cols terms.
 fn matmuls<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
     let eps = 1e-5;
-    for (rows, cols, n) in [(5, 8, 1), (13, 68, 3), (70, 260, 9)] {
+    // Batch sizes on both sides of the GPU's matmul tiles (1, 4, 16 rows per workgroup).
+    for (rows, cols, n) in [(5, 8, 1), (13, 68, 3), (70, 260, 9), (9, 36, 21)] {
         let tol = 1e-5 * (cols as f64).sqrt() * 4.0;
         for format in FORMATS {
             let what = format!("{rows}x{cols} {} batch {n}", format.name());
@@ -113,15 +114,25 @@ fn matmuls<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
             let want: Vec<f64> = gr.iter().zip(&ur2).map(|(&gg, &uu)| gg / (1.0 + (-gg).exp()) * uu).collect();
             assert_close(&format!("norm_gate_up {what}"), &b.read(n, &gate).unwrap(), &want, tol);
 
-            // Batch invariance: each row alone gives the bits it gives in the batch.
-            b.matmul(n, &w, Some(&bias_v), &xa, &mut out);
-            let batched = b.read(n, &out).unwrap();
+            // Batch invariance: each row alone gives the bits it gives in the batch, for the
+            // plain, norm-folded and gated products.
+            let run = |m: usize, xs: &B::Act| -> [Vec<f32>; 3] {
+                let (mut o, mut scratch) = (b.activation(m, rows).unwrap(), b.activation(m, cols).unwrap());
+                b.matmul(m, &w, Some(&bias_v), xs, &mut o);
+                let plain = b.read(m, &o).unwrap();
+                b.norm_matmul(m, xs, &g_v, eps, &w, None, &mut scratch, &mut o);
+                let normed = b.read(m, &o).unwrap();
+                let (mut gate, mut up) = (b.activation(m, rows).unwrap(), b.activation(m, rows).unwrap());
+                b.norm_gate_up(m, xs, &g_v, eps, &w, &u, &mut scratch, &mut gate, &mut up);
+                [plain, normed, b.read(m, &gate).unwrap()]
+            };
+            let batched = run(n, &xa);
             for i in 0..n {
-                let xi = act(b, &x[i * cols..(i + 1) * cols], 1, cols);
-                let mut oi = b.activation(1, rows).unwrap();
-                b.matmul(1, &w, Some(&bias_v), &xi, &mut oi);
-                let alone = b.read(1, &oi).unwrap();
-                assert!(alone.iter().zip(&batched[i * rows..(i + 1) * rows]).all(|(p, q)| p.to_bits() == q.to_bits()), "{what}: row {i} alone differs from the batch");
+                let alone = run(1, &act(b, &x[i * cols..(i + 1) * cols], 1, cols));
+                for (form, (a1, bn)) in ["matmul", "norm_matmul", "norm_gate_up"].iter().zip(alone.iter().zip(&batched)) {
+                    let same = a1.iter().zip(&bn[i * rows..(i + 1) * rows]).all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(same, "{form} {what}: row {i} alone differs from the batch");
+                }
             }
         }
     }

@@ -17,6 +17,19 @@ const WEIGHTS_F32: &str = include_str!("../../../../shaders/weights_f32.wgsl");
 const WEIGHTS_F16: &str = include_str!("../../../../shaders/weights_f16.wgsl");
 const WEIGHTS_BF16: &str = include_str!("../../../../shaders/weights_bf16.wgsl");
 
+/// Batch rows per matrix-product workgroup, by kernel variant.
+pub const MATMUL_TILES: [u32; 3] = [1, 4, 16];
+
+/// The matrix-product tile for a batch of `n` rows: one row alone needs no per-row partial
+/// sums it would not use; a larger tile reads each weight once for more rows.
+pub fn matmul_tile(n: usize) -> u32 {
+    match n {
+        0 | 1 => 1,
+        2..=8 => 4,
+        _ => 16,
+    }
+}
+
 /// How a kernel sees one binding.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Slot {
@@ -29,7 +42,8 @@ pub enum Slot {
 /// One kernel variant.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum KernelId {
-    Matmul { format: WeightFormat, gated: bool },
+    /// `tile`: batch rows per workgroup (TB in matmul.wgsl), one of `MATMUL_TILES`.
+    Matmul { format: WeightFormat, gated: bool, tile: u32 },
     Embed(WeightFormat),
     RmsNorm,
     RopeKv,
@@ -43,7 +57,10 @@ impl KernelId {
     /// Every variant, for shader validation.
     pub fn all() -> Vec<KernelId> {
         let formats = [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16];
-        let mut all: Vec<KernelId> = formats.iter().flat_map(|&f| [false, true].map(|g| KernelId::Matmul { format: f, gated: g })).collect();
+        let mut all: Vec<KernelId> = formats
+            .iter()
+            .flat_map(|&f| [false, true].into_iter().flat_map(move |g| MATMUL_TILES.map(|tile| KernelId::Matmul { format: f, gated: g, tile })))
+            .collect();
         all.extend(formats.iter().map(|&f| KernelId::Embed(f)));
         all.extend([KernelId::RmsNorm, KernelId::RopeKv, KernelId::Attention, KernelId::Elementwise, KernelId::Bandwidth]);
         all
@@ -51,7 +68,7 @@ impl KernelId {
 
     pub fn name(self) -> String {
         match self {
-            KernelId::Matmul { format, gated } => format!("matmul_{}{}", format.name(), if gated { "_gated" } else { "" }),
+            KernelId::Matmul { format, gated, tile } => format!("matmul_{}{}_tb{tile}", format.name(), if gated { "_gated" } else { "" }),
             KernelId::Embed(f) => format!("embed_{}", f.name()),
             KernelId::RmsNorm => "rmsnorm".into(),
             KernelId::RopeKv => "rope_kv".into(),
@@ -64,8 +81,11 @@ impl KernelId {
     /// The assembled WGSL source.
     pub fn source(self) -> String {
         match self {
-            KernelId::Matmul { format, gated } => {
-                let body = MATMUL.replace("$GATED", if gated { "true" } else { "false" });
+            KernelId::Matmul { format, gated, tile } => {
+                let body = MATMUL
+                    .replace("$GATED", if gated { "true" } else { "false" })
+                    .replace("$TB", &tile.to_string())
+                    .replace("$RED", &(3 * tile * 64).to_string());
                 format!("{}\n{}\n{}", weight_snippet(format, "W", 1), weight_snippet(format, "U", 6), body)
             }
             KernelId::Embed(format) => format!("{}\n{}", weight_snippet(format, "W", 1), EMBED),

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use self::device::Gpu;
 pub use self::device::ADAPTER_ENV;
-use self::kernels::{KernelId, Kernels};
+use self::kernels::{matmul_tile, KernelId, Kernels};
 use self::recorder::{grid, storage_usage, GBuf, Recorder};
 pub use self::recorder::Profile;
 use super::{AttentionShape, Backend, CacheShape, StepInput};
@@ -25,8 +25,6 @@ use crate::tensor::{HostTensor, WeightFormat};
 pub const MAX_WEIGHT_BUFFER_ENV: &str = "UPG_BATCH_GPU_MAX_WEIGHT_BUFFER";
 /// Parameter slots per step: far above what any model records (about 8-15 per layer).
 const MAX_DISPATCHES: usize = 8192;
-/// Batch rows per matmul workgroup (TB in matmul.wgsl).
-const MATMUL_BATCH_TILE: u32 = 4;
 const WG: u32 = 64;
 const MAX_HEAD_DIM: usize = 256;
 
@@ -218,10 +216,12 @@ impl WgpuBackend {
         debug_assert_eq!(x.width, w.cols);
         let flags = bias.map_or(0, |_| 1) | if accumulate { 2 } else { 0 } | norm.map_or(0, |_| 4);
         let eps = norm.map_or(0.0, |(_, e)| e as f32);
-        let id = KernelId::Matmul { format: w.format, gated: up.is_some() };
+        let tile = matmul_tile(n);
+        let tiles = (n as u32).div_ceil(tile);
+        let id = KernelId::Matmul { format: w.format, gated: up.is_some(), tile };
         for (c, (buf, first, rows)) in w.chunks.iter().enumerate() {
-            let (gx, gy) = grid(*rows);
-            let params = u32s(&[n as u32, *rows, w.cols as u32, flags, *first, y.width as u32, gx, eps.to_bits()]);
+            let (gx, gy) = grid(*rows * tiles);
+            let params = u32s(&[n as u32, *rows, w.cols as u32, flags, *first, y.width as u32, gx, eps.to_bits(), tiles]);
             let u = up.map_or(buf.as_ref(), |u| u.chunks[c].0.as_ref());
             let buffers = [
                 buf.as_ref(),
@@ -231,7 +231,7 @@ impl WgpuBackend {
                 norm.map_or(self.dummy[0].as_ref(), |(g, _)| g),
                 u,
             ];
-            self.dispatch(id, &params, &buffers, (gx, gy, (n as u32).div_ceil(MATMUL_BATCH_TILE)));
+            self.dispatch(id, &params, &buffers, (gx, gy, 1));
         }
     }
 
