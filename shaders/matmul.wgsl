@@ -2,17 +2,24 @@
 // where x' = x, or rmsnorm(x) * g when the norm flag is set (RMSNorm folded into the product).
 // With GATED, a second matrix U gives y = silu(x' @ W^T) * (x' @ U^T) (SwiGLU in one pass).
 //
-// One workgroup per (output row, tile of TB batch rows). Each of its WG threads sums the
-// fixed strided subset k = t, t + WG, ... of the row, then a fixed tree sums the threads: an
-// output element is reduced in the same order whatever n and TB are, so a batch row gives
-// bit-identical results alone or in any batch. Each weight load serves TB batch rows (TB is
-// chosen per dispatch from n: 1, 4 or 16), and the tiles of one output row are consecutive
-// workgroups, so a row's weights read by one tile are still in cache for the next.
+// One workgroup per (block of R output rows, tile of TB batch rows). Each of its WG threads
+// sums, for every output element of the block, the fixed strided subset k = t, t + WG, ... of
+// the row, then a fixed tree sums the threads: an output element is reduced in the same order
+// whatever n, R and TB are, so a batch row gives bit-identical results alone or in any batch.
+// A thread's x values serve R rows and its weight values TB batch rows, from registers; R and
+// TB are chosen per dispatch from n. The tiles of one row block are consecutive workgroups, so
+// weights one tile reads are still in cache for the next.
 // Weight loads (load_W, load_U) come from a format snippet (weights_*.wgsl).
 
 const WG: u32 = 64u;
+const R: u32 = $Ru;
 const TB: u32 = $TBu;
 const GATED: bool = $GATED;
+// Partial sums: R * TB of W.x, then R * TB of U.x (GATED only), then TB of x.x (from SS0).
+// The tree runs over CHUNK of them at a time.
+const SS0: u32 = $SS0u;
+const SETS: u32 = SS0 + TB;
+const CHUNK: u32 = 32u;
 
 const FLAG_BIAS: u32 = 1u;
 const FLAG_ACCUMULATE: u32 = 2u;
@@ -27,7 +34,7 @@ struct Params {
     ld: u32,         // row stride of y
     grid_x: u32,     // workgroups along x (the rest wrap into y beyond it)
     eps: f32,
-    tiles: u32,      // batch tiles per output row: ceil(n / TB)
+    tiles: u32,      // batch tiles per row block: ceil(n / TB)
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -36,26 +43,22 @@ struct Params {
 @group(0) @binding(4) var<storage, read> Bias: array<f32>;
 @group(0) @binding(5) var<storage, read> G: array<vec4<f32>>;
 
-var<workgroup> red: array<f32, $RED>; // (3 * TB, WG): partial sums of W.x, U.x and x.x
+var<workgroup> red: array<f32, 2048>; // (CHUNK, WG)
+var<workgroup> sums: array<f32, SETS>;
 
-// Tree-sums red[s * WG ..] for s < sets; the result lands in red[s * WG].
-fn tree(t: u32, sets: u32) {
-    for (var w = WG / 2u; w > 0u; w = w / 2u) {
-        workgroupBarrier();
-        if t < w {
-            for (var s = 0u; s < sets; s++) {
-                red[s * WG + t] += red[s * WG + t + w];
-            }
-        }
+// The tree's total of partial s: still in red when one chunk held them all.
+fn total(s: u32, used: u32) -> f32 {
+    if used > CHUNK {
+        return sums[s];
     }
-    workgroupBarrier();
+    return red[s * WG];
 }
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let id = wg.y * P.grid_x + wg.x;
-    let r = id / P.tiles;
-    if r >= P.rows {
+    let r0 = (id / P.tiles) * R;
+    if r0 >= P.rows {
         return; // uniform: the whole workgroup leaves
     }
     let b0 = (id % P.tiles) * TB;
@@ -63,53 +66,81 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let norm = (P.flags & FLAG_NORM) != 0u;
     // With the norm folded in: sum_k w_k (x_k inv g_k) = inv * sum_k w_k (x_k g_k), and the
     // sum of squares behind inv is gathered in the same pass over x.
-    var acc: array<f32, TB>;
-    var acc_u: array<f32, TB>;
-    var ss: array<f32, TB>;
+    var part: array<f32, SETS>;
     for (var k = t; k < c4; k += WG) {
-        let w = load_W(r * c4 + k);
-        var u = vec4<f32>(0.0);
-        if GATED {
-            u = load_U(r * c4 + k);
-        }
         var g = vec4<f32>(1.0);
         if norm {
             g = G[k];
         }
+        var xs: array<vec4<f32>, TB>;
         for (var j = 0u; j < TB; j++) {
             if b0 + j < P.n {
                 var x = X[(b0 + j) * c4 + k];
                 if norm {
-                    ss[j] += dot(x, x);
+                    part[SS0 + j] += dot(x, x);
                     x = x * g;
                 }
-                acc[j] += dot(w, x);
+                xs[j] = x;
+            }
+        }
+        for (var i = 0u; i < R; i++) {
+            if r0 + i < P.rows {
+                let w = load_W((r0 + i) * c4 + k);
+                var u = vec4<f32>(0.0);
                 if GATED {
-                    acc_u[j] += dot(u, x);
+                    u = load_U((r0 + i) * c4 + k);
+                }
+                for (var j = 0u; j < TB; j++) {
+                    part[i * TB + j] += dot(w, xs[j]);
+                    if GATED {
+                        part[R * TB + i * TB + j] += dot(u, xs[j]);
+                    }
                 }
             }
         }
     }
-    for (var j = 0u; j < TB; j++) {
-        red[j * WG + t] = acc[j];
-        red[(TB + j) * WG + t] = acc_u[j];
-        red[(2u * TB + j) * WG + t] = ss[j];
-    }
-    var sets = TB;
-    if GATED {
-        sets = 2u * TB;
-    }
+    // Tree-sum every partial over the WG threads, CHUNK partials at a time.
+    var used = SS0;
     if norm {
-        sets = 3u * TB;
+        used = SETS;
     }
-    tree(t, sets);
-    if t < TB && b0 + t < P.n {
-        let j = t;
+    for (var s0 = 0u; s0 < used; s0 += CHUNK) {
+        let m = min(CHUNK, used - s0);
+        for (var s = 0u; s < m; s++) {
+            red[s * WG + t] = part[s0 + s];
+        }
+        for (var w = WG / 2u; w > 0u; w = w / 2u) {
+            workgroupBarrier();
+            if t < w {
+                for (var s = 0u; s < m; s++) {
+                    red[s * WG + t] += red[s * WG + t + w];
+                }
+            }
+        }
+        workgroupBarrier();
+        if used > CHUNK {
+            // Several chunks: keep this one's totals before the next overwrites red.
+            if t < m {
+                sums[s0 + t] = red[t * WG];
+            }
+            workgroupBarrier();
+        }
+    }
+    for (var e = t; e < R * TB; e += WG) {
+        let i = e / TB;
+        let j = e % TB;
+        if r0 + i >= P.rows || b0 + j >= P.n {
+            continue;
+        }
+        let r = r0 + i;
         let at = (b0 + j) * P.ld + P.row_offset + r;
-        var v = red[j * WG];
-        var vu = red[(TB + j) * WG];
+        var v = total(e, used);
+        var vu = 0.0;
+        if GATED {
+            vu = total(R * TB + e, used);
+        }
         if norm {
-            let inv = inverseSqrt(red[(2u * TB + j) * WG] / f32(P.cols) + P.eps);
+            let inv = inverseSqrt(total(SS0 + j, used) / f32(P.cols) + P.eps);
             v = v * inv;
             vu = vu * inv;
         }

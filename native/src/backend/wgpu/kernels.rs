@@ -17,16 +17,18 @@ const WEIGHTS_F32: &str = include_str!("../../../../shaders/weights_f32.wgsl");
 const WEIGHTS_F16: &str = include_str!("../../../../shaders/weights_f16.wgsl");
 const WEIGHTS_BF16: &str = include_str!("../../../../shaders/weights_bf16.wgsl");
 
-/// Batch rows per matrix-product workgroup, by kernel variant.
-pub const MATMUL_TILES: [u32; 3] = [1, 4, 16];
+/// (output rows, batch rows) per matrix-product workgroup, by kernel variant.
+pub const MATMUL_TILES: [(u32, u32); 3] = [(1, 1), (4, 8), (8, 8)];
 
-/// The matrix-product tile for a batch of `n` rows: one row alone needs no per-row partial
-/// sums it would not use; a larger tile reads each weight once for more rows.
-pub fn matmul_tile(n: usize) -> u32 {
+/// The matrix-product tile for a batch of `n` rows. One row alone: one output row per
+/// workgroup, for the most workgroups streaming weights. Batches: each x value held in
+/// registers serves R output rows and each weight value TB batch rows, which divides the
+/// reads of x (from cache) by R and of weights by TB.
+pub fn matmul_tile(n: usize) -> (u32, u32) {
     match n {
-        0 | 1 => 1,
-        2..=8 => 4,
-        _ => 16,
+        0 | 1 => MATMUL_TILES[0],
+        2..=8 => MATMUL_TILES[1],
+        _ => MATMUL_TILES[2],
     }
 }
 
@@ -42,8 +44,9 @@ pub enum Slot {
 /// One kernel variant.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum KernelId {
-    /// `tile`: batch rows per workgroup (TB in matmul.wgsl), one of `MATMUL_TILES`.
-    Matmul { format: WeightFormat, gated: bool, tile: u32 },
+    /// `tile`: (output rows, batch rows) per workgroup (R, TB in matmul.wgsl), one of
+    /// `MATMUL_TILES`.
+    Matmul { format: WeightFormat, gated: bool, tile: (u32, u32) },
     Embed(WeightFormat),
     RmsNorm,
     RopeKv,
@@ -68,7 +71,7 @@ impl KernelId {
 
     pub fn name(self) -> String {
         match self {
-            KernelId::Matmul { format, gated, tile } => format!("matmul_{}{}_tb{tile}", format.name(), if gated { "_gated" } else { "" }),
+            KernelId::Matmul { format, gated, tile: (r, tb) } => format!("matmul_{}{}_{r}x{tb}", format.name(), if gated { "_gated" } else { "" }),
             KernelId::Embed(f) => format!("embed_{}", f.name()),
             KernelId::RmsNorm => "rmsnorm".into(),
             KernelId::RopeKv => "rope_kv".into(),
@@ -81,11 +84,13 @@ impl KernelId {
     /// The assembled WGSL source.
     pub fn source(self) -> String {
         match self {
-            KernelId::Matmul { format, gated, tile } => {
+            KernelId::Matmul { format, gated, tile: (r, tb) } => {
+                let ss0 = if gated { 2 * r * tb } else { r * tb };
                 let body = MATMUL
                     .replace("$GATED", if gated { "true" } else { "false" })
-                    .replace("$TB", &tile.to_string())
-                    .replace("$RED", &(3 * tile * 64).to_string());
+                    .replace("$R", &r.to_string())
+                    .replace("$TB", &tb.to_string())
+                    .replace("$SS0", &ss0.to_string());
                 format!("{}\n{}\n{}", weight_snippet(format, "W", 1), weight_snippet(format, "U", 6), body)
             }
             KernelId::Embed(format) => format!("{}\n{}", weight_snippet(format, "W", 1), EMBED),

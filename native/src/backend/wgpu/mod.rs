@@ -217,10 +217,10 @@ impl WgpuBackend {
         let flags = bias.map_or(0, |_| 1) | if accumulate { 2 } else { 0 } | norm.map_or(0, |_| 4);
         let eps = norm.map_or(0.0, |(_, e)| e as f32);
         let tile = matmul_tile(n);
-        let tiles = (n as u32).div_ceil(tile);
+        let tiles = (n as u32).div_ceil(tile.1);
         let id = KernelId::Matmul { format: w.format, gated: up.is_some(), tile };
         for (c, (buf, first, rows)) in w.chunks.iter().enumerate() {
-            let (gx, gy) = grid(*rows * tiles);
+            let (gx, gy) = grid(rows.div_ceil(tile.0) * tiles);
             let params = u32s(&[n as u32, *rows, w.cols as u32, flags, *first, y.width as u32, gx, eps.to_bits(), tiles]);
             let u = up.map_or(buf.as_ref(), |u| u.chunks[c].0.as_ref());
             let buffers = [
