@@ -9,7 +9,10 @@
 // A thread's x values serve R rows and its weight values TB batch rows, from registers; R and
 // TB are chosen per dispatch from n. The tiles of one row block are consecutive workgroups, so
 // weights one tile reads are still in cache for the next.
-// Weight loads (load_W, load_U) come from a format snippet (weights_*.wgsl).
+// Weight loads (load_W, load_U, load_V) come from a format snippet (weights_*.wgsl); the
+// segment functions (seg_load, seg_store, seg_bias, seg_ld) from matmul_segments_*.wgsl: one
+// matrix, or three (q, k and v of one layer: rows 0 .. P.rows of W, then P.rows1 of U, then
+// P.rows1 of V, each into its own output) in one dispatch.
 
 const WG: u32 = 64u;
 const R: u32 = $Ru;
@@ -35,6 +38,9 @@ struct Params {
     grid_x: u32,     // workgroups along x (the rest wrap into y beyond it)
     eps: f32,
     tiles: u32,      // batch tiles per row block: ceil(n / TB)
+    blocks0: u32,    // row blocks of the first matrix: ceil(rows / R)
+    rows1: u32,      // rows of the second and third matrices (three segments only)
+    ld1: u32,        // row stride of their outputs
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -57,8 +63,17 @@ fn total(s: u32, used: u32) -> f32 {
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let id = wg.y * P.grid_x + wg.x;
-    let r0 = (id / P.tiles) * R;
-    if r0 >= P.rows {
+    var rb = id / P.tiles;
+    var seg = 0u;
+    var rows = P.rows;
+    if SEGMENTS > 1u && rb >= P.blocks0 {
+        rb -= P.blocks0;
+        rows = P.rows1;
+        seg = 1u + rb / ((P.rows1 + R - 1u) / R);
+        rb = rb % ((P.rows1 + R - 1u) / R);
+    }
+    let r0 = rb * R;
+    if r0 >= rows || seg >= SEGMENTS {
         return; // uniform: the whole workgroup leaves
     }
     let b0 = (id % P.tiles) * TB;
@@ -84,8 +99,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             }
         }
         for (var i = 0u; i < R; i++) {
-            if r0 + i < P.rows {
-                let w = load_W((r0 + i) * c4 + k);
+            if r0 + i < rows {
+                let w = seg_load(seg, (r0 + i) * c4 + k);
                 var u = vec4<f32>(0.0);
                 if GATED {
                     u = load_U((r0 + i) * c4 + k);
@@ -129,11 +144,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     for (var e = t; e < R * TB; e += WG) {
         let i = e / TB;
         let j = e % TB;
-        if r0 + i >= P.rows || b0 + j >= P.n {
+        if r0 + i >= rows || b0 + j >= P.n {
             continue;
         }
         let r = r0 + i;
-        let at = (b0 + j) * P.ld + P.row_offset + r;
+        let at = (b0 + j) * seg_ld(seg) + P.row_offset + r;
         var v = total(e, used);
         var vu = 0.0;
         if GATED {
@@ -145,14 +160,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             vu = vu * inv;
         }
         if (P.flags & FLAG_BIAS) != 0u {
-            v += Bias[P.row_offset + r];
+            v += seg_bias(seg, r);
         }
         if GATED {
             v = v / (1.0 + exp(-v)) * vu;
         }
         if (P.flags & FLAG_ACCUMULATE) != 0u {
-            v = Y[at] + v;
+            v = Y[at] + v; // one matrix only
         }
-        Y[at] = v;
+        seg_store(seg, at, v);
     }
 }

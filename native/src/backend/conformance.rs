@@ -138,6 +138,56 @@ fn matmuls<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
     }
 }
 
+/// The three attention-input products of a layer (q rows differ from k and v rows) against
+/// f64, with and without biases, and each row alone against the batch.
+fn qkv<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
+    let eps = 1e-5;
+    let (rq, rkv, cols) = (12, 5, 36);
+    let tol = 1e-5 * (cols as f64).sqrt() * 4.0;
+    for format in FORMATS {
+        for (n, with_bias) in [(1, false), (3, true), (21, true), (21, false)] {
+            let what = format!("norm_qkv {} batch {n} bias {with_bias}", format.name());
+            let rows = [rq, rkv, rkv];
+            let values: Vec<Vec<f32>> = rows.iter().map(|&r| random(r * cols, rng)).collect();
+            let biases: Vec<Vec<f32>> = rows.iter().map(|&r| random(r, rng)).collect();
+            let (x, g) = (random(n * cols, rng), random(cols, rng));
+            let mats: Vec<B::Matrix> = values.iter().zip(rows).map(|(v, r)| upload(b, v, r, cols, format)).collect();
+            let bias_v: Vec<B::Vector> = biases.iter().map(|v| b.upload_vector(v).unwrap()).collect();
+            let g_v = b.upload_vector(&g).unwrap();
+            let run = |m: usize, xs: &[f32]| -> Vec<Vec<f32>> {
+                let xa = act(b, xs, m, cols);
+                let mut normed = b.activation(m, cols).unwrap();
+                let mut outs: Vec<B::Act> = rows.iter().map(|&r| b.activation(m, r).unwrap()).collect();
+                let bias = if with_bias { [Some(&bias_v[0]), Some(&bias_v[1]), Some(&bias_v[2])] } else { [None; 3] };
+                let [q, k, v] = &mut outs[..] else { unreachable!() };
+                b.norm_qkv(m, &xa, &g_v, eps, [&mats[0], &mats[1], &mats[2]], bias, &mut normed, q, k, v);
+                outs.iter().map(|o| b.read(m, o).unwrap()).collect()
+            };
+            let got = run(n, &x);
+            for (s, name) in ["q", "k", "v"].iter().enumerate() {
+                let wr = rounded(&values[s], format);
+                let want: Vec<f64> = (0..n)
+                    .flat_map(|i| (0..rows[s]).map(move |r| (i, r)))
+                    .map(|(i, r)| {
+                        let xi = &x[i * cols..(i + 1) * cols];
+                        let inv = rms(xi, eps);
+                        let normed: Vec<f32> = xi.iter().zip(&g).map(|(&v, &gg)| (v as f64 * inv * gg as f64) as f32).collect();
+                        dot(&wr[r * cols..(r + 1) * cols], &normed) + if with_bias { biases[s][r] as f64 } else { 0.0 }
+                    })
+                    .collect();
+                assert_close(&format!("{what} {name}"), &got[s], &want, tol);
+            }
+            for i in 0..n {
+                let alone = run(1, &x[i * cols..(i + 1) * cols]);
+                for s in 0..3 {
+                    let same = alone[s].iter().zip(&got[s][i * rows[s]..(i + 1) * rows[s]]).all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(same, "{what}: output {s} of row {i} alone differs from the batch");
+                }
+            }
+        }
+    }
+}
+
 /// RMSNorm (also of gathered rows), SwiGLU, residual add and embedding lookup.
 fn row_ops<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
     let (n, d, eps) = (6, 100, 1e-6);
@@ -260,6 +310,7 @@ fn conformance<B: Backend>(b: &B) {
     matmuls(b, &mut rng);
     row_ops(b, &mut rng);
     attention(b, &mut rng);
+    qkv(b, &mut rng);
 }
 
 #[test]

@@ -121,6 +121,14 @@ pub trait Backend: Send + Sync + Sized {
         self.rmsnorm(n, x, norm, eps, normed);
         self.matmul(n, w, bias, normed, out);
     }
+    /// q, k, v (n, *) = rmsnorm(x) @ {Wq, Wk, Wv}^T (+ their biases), `normed` a scratch
+    /// (n, cols): the three products of one layer's attention input.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_qkv(&self, n: usize, x: &Self::Act, norm: &Self::Vector, eps: f64, w: [&Self::Matrix; 3], bias: [Option<&Self::Vector>; 3], normed: &mut Self::Act, q: &mut Self::Act, k: &mut Self::Act, v: &mut Self::Act) {
+        self.norm_matmul(n, x, norm, eps, w[0], bias[0], normed, q);
+        self.norm_matmul(n, x, norm, eps, w[1], bias[1], normed, k);
+        self.norm_matmul(n, x, norm, eps, w[2], bias[2], normed, v);
+    }
     /// x (n, rows) += y (n, cols) @ W^T (+ bias), `scratch` (n, rows).
     fn matmul_add(&self, n: usize, w: &Self::Matrix, bias: Option<&Self::Vector>, y: &Self::Act, scratch: &mut Self::Act, x: &mut Self::Act) {
         self.matmul(n, w, bias, y, scratch);

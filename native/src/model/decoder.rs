@@ -215,9 +215,10 @@ impl<B: Backend> Decoder<B> {
         };
         if self.fused {
             let norm = &layer.input_layernorm;
-            b.norm_matmul(n, &a.x, norm, eps, &layer.q_proj.weight, layer.q_proj.bias.as_ref(), &mut a.normed, &mut a.q);
-            b.norm_matmul(n, &a.x, norm, eps, &layer.k_proj.weight, layer.k_proj.bias.as_ref(), &mut a.normed, &mut a.k);
-            b.norm_matmul(n, &a.x, norm, eps, &layer.v_proj.weight, layer.v_proj.bias.as_ref(), &mut a.normed, &mut a.v);
+            let (q, k, v) = (&layer.q_proj, &layer.k_proj, &layer.v_proj);
+            let w = [&q.weight, &k.weight, &v.weight];
+            let bias = [q.bias.as_ref(), k.bias.as_ref(), v.bias.as_ref()];
+            b.norm_qkv(n, &a.x, norm, eps, w, bias, &mut a.normed, &mut a.q, &mut a.k, &mut a.v);
             b.rope_kv_write(step, cache, l, &mut a.q, &mut a.k, &a.v, hd);
             b.attention(step, cache, l, shape, &a.q, &mut a.attn);
             b.matmul_add(n, &layer.o_proj.weight, layer.o_proj.bias.as_ref(), &a.attn, &mut a.proj, &mut a.x);

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use crate::tensor::WeightFormat;
 
 const MATMUL: &str = include_str!("../../../../shaders/matmul.wgsl");
+const MATMUL_SEGMENTS_1: &str = include_str!("../../../../shaders/matmul_segments_1.wgsl");
+const MATMUL_SEGMENTS_3: &str = include_str!("../../../../shaders/matmul_segments_3.wgsl");
 const EMBED: &str = include_str!("../../../../shaders/embed.wgsl");
 const RMSNORM: &str = include_str!("../../../../shaders/rmsnorm.wgsl");
 const ROPE_KV: &str = include_str!("../../../../shaders/rope_kv.wgsl");
@@ -45,8 +47,8 @@ pub enum Slot {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum KernelId {
     /// `tile`: (output rows, batch rows) per workgroup (R, TB in matmul.wgsl), one of
-    /// `MATMUL_TILES`.
-    Matmul { format: WeightFormat, gated: bool, tile: (u32, u32) },
+    /// `MATMUL_TILES`. `qkv`: three matrices (q, k, v) into three outputs in one dispatch.
+    Matmul { format: WeightFormat, gated: bool, tile: (u32, u32), qkv: bool },
     Embed(WeightFormat),
     RmsNorm,
     RopeKv,
@@ -62,7 +64,11 @@ impl KernelId {
         let formats = [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16];
         let mut all: Vec<KernelId> = formats
             .iter()
-            .flat_map(|&f| [false, true].into_iter().flat_map(move |g| MATMUL_TILES.map(|tile| KernelId::Matmul { format: f, gated: g, tile })))
+            .flat_map(|&f| {
+                [(false, false), (true, false), (false, true)]
+                    .into_iter()
+                    .flat_map(move |(gated, qkv)| MATMUL_TILES.map(|tile| KernelId::Matmul { format: f, gated, tile, qkv }))
+            })
             .collect();
         all.extend(formats.iter().map(|&f| KernelId::Embed(f)));
         all.extend([KernelId::RmsNorm, KernelId::RopeKv, KernelId::Attention, KernelId::Elementwise, KernelId::Bandwidth]);
@@ -71,7 +77,9 @@ impl KernelId {
 
     pub fn name(self) -> String {
         match self {
-            KernelId::Matmul { format, gated, tile: (r, tb) } => format!("matmul_{}{}_{r}x{tb}", format.name(), if gated { "_gated" } else { "" }),
+            KernelId::Matmul { format, gated, tile: (r, tb), qkv } => {
+                format!("matmul_{}{}{}_{r}x{tb}", format.name(), if gated { "_gated" } else { "" }, if qkv { "_qkv" } else { "" })
+            }
             KernelId::Embed(f) => format!("embed_{}", f.name()),
             KernelId::RmsNorm => "rmsnorm".into(),
             KernelId::RopeKv => "rope_kv".into(),
@@ -84,14 +92,21 @@ impl KernelId {
     /// The assembled WGSL source.
     pub fn source(self) -> String {
         match self {
-            KernelId::Matmul { format, gated, tile: (r, tb) } => {
+            KernelId::Matmul { format, gated, tile: (r, tb), qkv } => {
                 let ss0 = if gated { 2 * r * tb } else { r * tb };
                 let body = MATMUL
                     .replace("$GATED", if gated { "true" } else { "false" })
                     .replace("$R", &r.to_string())
                     .replace("$TB", &tb.to_string())
                     .replace("$SS0", &ss0.to_string());
-                format!("{}\n{}\n{}", weight_snippet(format, "W", 1), weight_snippet(format, "U", 6), body)
+                let mut source = format!("{}\n{}\n", weight_snippet(format, "W", 1), weight_snippet(format, "U", 6));
+                if qkv {
+                    source += &weight_snippet(format, "V", 7);
+                    source += MATMUL_SEGMENTS_3;
+                } else {
+                    source += MATMUL_SEGMENTS_1;
+                }
+                source + "\n" + &body
             }
             KernelId::Embed(format) => format!("{}\n{}", weight_snippet(format, "W", 1), EMBED),
             KernelId::RmsNorm => RMSNORM.into(),
@@ -106,8 +121,9 @@ impl KernelId {
     pub fn slots(self) -> &'static [Slot] {
         use Slot::*;
         match self {
-            // params, W, X, Y, bias, norm weight, U
-            KernelId::Matmul { .. } => &[Params, Read, Read, ReadWrite, Read, Read, Read],
+            // params, W, X, Y, bias, norm weight, U (+ V, Y1, Y2, bias1, bias2)
+            KernelId::Matmul { qkv: false, .. } => &[Params, Read, Read, ReadWrite, Read, Read, Read],
+            KernelId::Matmul { qkv: true, .. } => &[Params, Read, Read, ReadWrite, Read, Read, Read, Read, ReadWrite, ReadWrite, Read, Read],
             // params, table, Y, rows
             KernelId::Embed(_) => &[Params, Read, ReadWrite, Read],
             // params, X, Y, G, gather index

@@ -218,10 +218,11 @@ impl WgpuBackend {
         let eps = norm.map_or(0.0, |(_, e)| e as f32);
         let tile = matmul_tile(n);
         let tiles = (n as u32).div_ceil(tile.1);
-        let id = KernelId::Matmul { format: w.format, gated: up.is_some(), tile };
+        let id = KernelId::Matmul { format: w.format, gated: up.is_some(), tile, qkv: false };
         for (c, (buf, first, rows)) in w.chunks.iter().enumerate() {
-            let (gx, gy) = grid(rows.div_ceil(tile.0) * tiles);
-            let params = u32s(&[n as u32, *rows, w.cols as u32, flags, *first, y.width as u32, gx, eps.to_bits(), tiles]);
+            let blocks = rows.div_ceil(tile.0);
+            let (gx, gy) = grid(blocks * tiles);
+            let params = u32s(&[n as u32, *rows, w.cols as u32, flags, *first, y.width as u32, gx, eps.to_bits(), tiles, blocks, 0, 0]);
             let u = up.map_or(buf.as_ref(), |u| u.chunks[c].0.as_ref());
             let buffers = [
                 buf.as_ref(),
@@ -233,6 +234,51 @@ impl WgpuBackend {
             ];
             self.dispatch(id, &params, &buffers, (gx, gy, 1));
         }
+    }
+
+    /// q, k, v = rmsnorm(x) @ {Wq, Wk, Wv}^T (+ biases) in one dispatch, where the three fit
+    /// (one chunk each, k and v of one shape, one format, the adapter's bindings); otherwise
+    /// one dispatch each. Either way each element is summed in the same order.
+    fn norm_qkv_op(&self, n: usize, x: &GAct, norm: (&GBuf, f64), w: [&GMatrix; 3], bias: [Option<&Arc<GBuf>>; 3], out: [&GAct; 3]) {
+        let one = w.iter().all(|m| m.chunks.len() == 1 && m.format == w[0].format && m.cols == w[0].cols)
+            && w[1].rows == w[2].rows
+            && out[1].width == out[2].width
+            && bias.iter().all(|b| b.is_some() == bias[0].is_some())
+            && self.gpu.limits.max_storage_buffers_per_shader_stage >= 11;
+        if !one {
+            for i in 0..3 {
+                self.matmul_op(n, w[i], None, bias[i].map(|b| b.as_ref()), Some(norm), false, x, out[i]);
+            }
+            return;
+        }
+        if n == 0 {
+            return;
+        }
+        let tile = matmul_tile(n);
+        let tiles = (n as u32).div_ceil(tile.1);
+        let (rows0, rows1) = (w[0].rows as u32, w[1].rows as u32);
+        let blocks0 = rows0.div_ceil(tile.0);
+        let (gx, gy) = grid((blocks0 + 2 * rows1.div_ceil(tile.0)) * tiles);
+        let flags = bias[0].map_or(0, |_| 1) | 4;
+        let params = u32s(&[
+            n as u32, rows0, w[0].cols as u32, flags, 0, out[0].width as u32, gx, (norm.1 as f32).to_bits(), tiles, blocks0, rows1,
+            out[1].width as u32,
+        ]);
+        let b = |i: usize| bias[i].map_or(self.dummy[0].as_ref(), |b| b.as_ref());
+        let buffers = [
+            w[0].chunks[0].0.as_ref(),
+            x.buf.as_ref(),
+            out[0].buf.as_ref(),
+            b(0),
+            norm.0,
+            w[1].chunks[0].0.as_ref(),
+            w[2].chunks[0].0.as_ref(),
+            out[1].buf.as_ref(),
+            out[2].buf.as_ref(),
+            b(1),
+            b(2),
+        ];
+        self.dispatch(KernelId::Matmul { format: w[0].format, gated: false, tile, qkv: true }, &params, &buffers, (gx, gy, 1));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -430,6 +476,10 @@ impl Backend for WgpuBackend {
 
     fn matmul_add(&self, n: usize, w: &GMatrix, bias: Option<&Arc<GBuf>>, y: &GAct, _scratch: &mut GAct, x: &mut GAct) {
         self.matmul_op(n, w, None, bias.map(|b| b.as_ref()), None, true, y, x);
+    }
+
+    fn norm_qkv(&self, n: usize, x: &GAct, norm: &Arc<GBuf>, eps: f64, w: [&GMatrix; 3], bias: [Option<&Arc<GBuf>>; 3], _normed: &mut GAct, q: &mut GAct, k: &mut GAct, v: &mut GAct) {
+        self.norm_qkv_op(n, x, (norm, eps), w, bias, [q, k, v]);
     }
 
     fn norm_gate_up(&self, n: usize, x: &GAct, norm: &Arc<GBuf>, eps: f64, gw: &GMatrix, uw: &GMatrix, _normed: &mut GAct, gate: &mut GAct, _up: &mut GAct) {
