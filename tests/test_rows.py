@@ -85,11 +85,12 @@ def test_summary_names_each_node_share():
     text = format_summary({
         "status": "complete", "rows_ok": 9, "rows_error": 1, "rows_total": 10, "shards_total": 2, "shards_skipped": 0,
         "prompt_tokens": 50, "completion_tokens": 80, "tokens_per_s": 40.0, "wall_s": 3.0,
-        "nodes": {"10.0.0.1-aaaaaaaa": {"shards": 1, "rows": 6, "completion_tokens": 50, "share": 0.6},
-                  "10.0.0.2-bbbbbbbb": {"shards": 1, "rows": 4, "completion_tokens": 30, "share": 0.4}},
+        "nodes": {"10.0.0.1-aaaaaaaa": {"shards": 1, "rows": 6, "completion_tokens": 50, "share": 0.6, "engine": "gpu (Apple M2, Metal)"},
+                  "10.0.0.2-bbbbbbbb": {"shards": 1, "rows": 4, "completion_tokens": 30, "share": 0.4, "engine": None}},
     })
     assert "9 rows ok, 1 rows in error" in text and "40.0 completion tok/s" in text
-    assert "node 10.0.0.1-aaaaaaaa: 1 shards, 6 rows, 50 tokens (60.0% of rows)" in text
+    assert "node 10.0.0.1-aaaaaaaa: 1 shards, 6 rows, 50 tokens (60.0% of rows) on gpu (Apple M2, Metal)" in text
+    assert "node 10.0.0.2-bbbbbbbb: 1 shards, 4 rows, 30 tokens (40.0% of rows)\n" in text + "\n"
 
 
 def _bad_utf8(values: list) -> pa.Array:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import MSG_TYPE, output_files, read_output, write_job, write_prompts
 
@@ -266,3 +267,25 @@ def test_overwrite_with_a_model_that_does_not_load_keeps_the_old_output(tmp_path
     # the failed run deleted nothing: the old results are still whole and complete
     assert {n: (out / n).read_bytes() for n in output_files(out)} == before
     assert sorted(read_output(out).column("id").to_pylist()) == [0, 1, 2, 3]
+
+
+def test_a_gpu_job_runs_its_rows_on_the_gpu_engine(tmp_path: Path):
+    """`model: {backend: gpu}` in a job: the actor's engine runs on the GPU adapter (lavapipe in
+    the tests, named by UPG_BATCH_GPU_ADAPTER), and its completions are the GPU engine's."""
+    from upg_batch import Engine, SamplingParams
+    from upg_batch.rows import derive_seed
+
+    data = tmp_path / "data"
+    write_prompts(data / "a.parquet", 12)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, data, out, model={"backend": "gpu", "weights": "f32"}, sampling={"max_tokens": 5, "temperature": 0.8, "seed": 3})
+    summary = _run(job)
+    assert summary["rows_ok"] == 12 and summary["rows_error"] == 0
+    [share] = summary["nodes"].values()
+    eng = Engine(load_config(job).model.path, backend="gpu", weights="f32")
+    assert share["engine"] == f"gpu ({eng.info['adapter']}, {eng.info['gpu_api']})"
+    rows = {r["id"]: r for r in read_output(out).to_pylist()}
+    prompts = pq.read_table(data / "a.parquet").to_pylist()
+    params = [SamplingParams(max_tokens=5, temperature=0.8, seed=derive_seed(3, p["id"])) for p in prompts]
+    got = eng.generate([p["prompt"] for p in prompts], params)
+    assert [rows[p["id"]]["completion"] for p in prompts] == [c.text for c in got]

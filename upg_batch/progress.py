@@ -91,6 +91,7 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(
             f"  node {node}: {share['shards']} shards, {share['rows']} rows, "
             f"{share['completion_tokens']} tokens ({100.0 * share['share']:.1f}% of rows)"
+            + (f" on {share['engine']}" if share.get("engine") else "")
         )
     if s.get("output"):
         lines.append(f"output: {s['output']}")

@@ -143,7 +143,7 @@ class Runner:
             "wall_s": round(wall_s, 3),
             "processing_s": round(st.processing_s, 3),
             "tokens_per_s": st.completion_tokens / st.processing_s if st.processing_s > 0 else 0.0,
-            "nodes": {node: {**v, "share": v["rows"] / rows_run} for node, v in st.nodes.items()},
+            "nodes": {node: {**v, "share": v["rows"] / rows_run, "engine": st.engines.get(node)} for node, v in st.nodes.items()},
             "output": str(self.cfg.output.path),
         }
 
@@ -157,12 +157,21 @@ class _RunStats:
         self.completion_tokens = 0
         self.processing_s = 0.0
         self.nodes: dict[str, dict[str, int]] = {}
+        # node -> the engine its actors run, e.g. "cpu (avx2+fma+f16c)" or "gpu (NVIDIA H100, Vulkan)"
+        self.engines: dict[str, str] = {}
 
     def add(self, node: str, rows: int, tokens: int) -> None:
         n = self.nodes.setdefault(node, {"shards": 0, "rows": 0, "completion_tokens": 0})
         n["shards"] += 1
         n["rows"] += rows
         n["completion_tokens"] += tokens
+
+
+def describe_engine(info: dict[str, Any]) -> str:
+    """What an actor's engine runs on, from `Engine.info`: the backend and its device."""
+    if info.get("backend") == "gpu":
+        return f"gpu ({info.get('adapter')}, {info.get('gpu_api')})"
+    return f"{info.get('backend')} ({info.get('simd')}, {info.get('threads')} threads)"
 
 
 class _Loop:
@@ -267,6 +276,7 @@ class _Loop:
                 return
             slot.state = "ready"
             slot.node = info["node"]
+            self.stats.engines[slot.node] = describe_engine(info["info"])
             log.debug("actor %s ready on %s (pid %s)", slot.key, slot.node, info["pid"])
             return
         for slot in self.slots:
