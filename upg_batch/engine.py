@@ -107,7 +107,9 @@ class Engine:
     backend: "cpu", "gpu" (wgpu: Metal on macOS, Vulkan on Linux) or "auto" (a hardware GPU
     when there is one, else the CPU). The environment variable UPG_BATCH_GPU_ADAPTER (a
     case-insensitive part of an adapter's name, e.g. "llvmpipe") forces one GPU adapter.
-    weights: how weights are held in memory: "f32", "f16" or "bf16" (arithmetic is f32).
+    weights: how weights are held in memory: "f32", "f16", "bf16" or "q8_0" (GGUF's 8-bit
+        blocks, quantized at load; matrices whose rows are not whole blocks stay f16 and are
+        listed in `info["weight_fallbacks"]`). Arithmetic is f32.
     threads: compute threads (None: all cores). max_batch: sequences in flight at once.
     context: longest sequence (prompt + completion) in tokens (None: the model's maximum).
     fused: fused kernels where the backend has them (the GPU: fewer dispatches per step);

@@ -16,10 +16,18 @@ pub enum WeightFormat {
     F32,
     F16,
     Bf16,
+    /// GGUF's Q8_0: blocks of 32 weights, each an f16 scale d then 32 int8 q (34 bytes);
+    /// a weight is d * q. Quantized at load from 16- and 32-bit checkpoints.
+    Q8_0,
 }
 
-/// What a checkpoint file stores for one tensor. Today the same set as `WeightFormat`.
+/// What a checkpoint file stores for one tensor (safetensors files store the 16- and 32-bit
+/// formats only).
 pub type DType = WeightFormat;
+
+/// Weights per Q8_0 block, and its bytes.
+pub const Q8_0_BLOCK: usize = 32;
+pub const Q8_0_BLOCK_BYTES: usize = 34;
 
 impl WeightFormat {
     pub fn parse(name: &str) -> Option<Self> {
@@ -27,6 +35,7 @@ impl WeightFormat {
             "f32" | "float32" => Some(WeightFormat::F32),
             "f16" | "float16" => Some(WeightFormat::F16),
             "bf16" | "bfloat16" => Some(WeightFormat::Bf16),
+            "q8_0" => Some(WeightFormat::Q8_0),
             _ => None,
         }
     }
@@ -36,15 +45,69 @@ impl WeightFormat {
             WeightFormat::F32 => "f32",
             WeightFormat::F16 => "f16",
             WeightFormat::Bf16 => "bf16",
+            WeightFormat::Q8_0 => "q8_0",
         }
     }
 
-    pub fn bytes_per_element(self) -> usize {
+    /// (weights, bytes) of one block: a single element for the plain formats.
+    pub fn block(self) -> (usize, usize) {
         match self {
-            WeightFormat::F32 => 4,
-            WeightFormat::F16 | WeightFormat::Bf16 => 2,
+            WeightFormat::F32 => (1, 4),
+            WeightFormat::F16 | WeightFormat::Bf16 => (1, 2),
+            WeightFormat::Q8_0 => (Q8_0_BLOCK, Q8_0_BLOCK_BYTES),
         }
     }
+
+    /// Whether rows of `cols` weights are whole blocks of this format. A matrix whose rows
+    /// are not is held in a 16-bit format instead (as llama.cpp does).
+    pub fn fits_row(self, cols: usize) -> bool {
+        cols % self.block().0 == 0
+    }
+
+    /// Bytes of one row of `cols` weights (`fits_row(cols)`).
+    pub fn row_bytes(self, cols: usize) -> usize {
+        let (n, bytes) = self.block();
+        debug_assert!(cols % n == 0);
+        cols / n * bytes
+    }
+
+    /// Whether values are held exactly as one element each (f32, f16, bf16).
+    pub fn is_plain(self) -> bool {
+        self.block().0 == 1
+    }
+}
+
+/// Quantizes `values` (whole Q8_0 blocks) as ggml's reference does: d = max|v| / 127 rounded to
+/// f16, q = round(v / d) (halves away from zero).
+pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
+    assert_eq!(
+        values.len() % Q8_0_BLOCK,
+        0,
+        "Q8_0 needs whole blocks of 32"
+    );
+    let mut out = Vec::with_capacity(values.len() / Q8_0_BLOCK * Q8_0_BLOCK_BYTES);
+    for block in values.chunks_exact(Q8_0_BLOCK) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|&v| (v * id).round() as i8 as u8));
+    }
+    out
+}
+
+/// Weight `j` (< 32) of the Q8_0 block at the start of `block`, as f32 (exact).
+#[inline]
+pub fn q8_0_weight(block: &[u8], j: usize) -> f32 {
+    f16::from_le_bytes([block[0], block[1]]).to_f32() * (block[2 + j] as i8) as f32
+}
+
+/// Every weight of whole Q8_0 blocks, as f32.
+pub fn dequantize_q8_0(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(Q8_0_BLOCK_BYTES)
+        .flat_map(|b| (0..Q8_0_BLOCK).map(move |j| q8_0_weight(b, j)))
+        .collect()
 }
 
 /// One tensor of a checkpoint as it sits in a mapped file: its stored dtype, its shape and
@@ -72,16 +135,28 @@ impl HostTensor<'_> {
 
     /// Whether the data may be viewed in place as `format` (same dtype, aligned for it).
     pub fn viewable_as(&self, format: WeightFormat) -> bool {
-        self.dtype == format && (self.map.as_ptr() as usize + self.start) % format.bytes_per_element() == 0
+        format.is_plain()
+            && self.dtype == format
+            && (self.map.as_ptr() as usize + self.start) % format.block().1 == 0
     }
 
     /// All elements as f32, read byte by byte (the data may sit at any alignment).
     pub fn to_f32(&self) -> Vec<f32> {
         let bytes = self.bytes();
         match self.dtype {
-            DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            DType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            DType::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::Bf16 => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::Q8_0 => dequantize_q8_0(bytes),
         }
     }
 
@@ -95,8 +170,15 @@ impl HostTensor<'_> {
         let values = self.to_f32();
         match format {
             WeightFormat::F32 => bytemuck::cast_slice(&values).to_vec(),
-            WeightFormat::F16 => values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
-            WeightFormat::Bf16 => values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
+            WeightFormat::F16 => values
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect(),
+            WeightFormat::Bf16 => values
+                .iter()
+                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            WeightFormat::Q8_0 => quantize_q8_0(&values),
         }
     }
 }

@@ -32,21 +32,41 @@ macro_rules! with_decoder {
 }
 
 impl Model {
-    pub fn load(backend: &str, model_dir: &Path, cfg: ModelConfig, format: WeightFormat, fused: bool) -> Result<Self> {
+    pub fn load(
+        backend: &str,
+        model_dir: &Path,
+        cfg: ModelConfig,
+        format: WeightFormat,
+        fused: bool,
+    ) -> Result<Self> {
         match BackendKind::parse(backend)? {
-            BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
+            BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(
+                CpuBackend, model_dir, cfg, format, fused,
+            )?)),
             #[cfg(feature = "gpu")]
             BackendKind::Gpu => {
                 crate::backend::wgpu::check_shapes(cfg.head_dim)?;
-                Ok(Model::Gpu(Decoder::load(WgpuBackend::new(false)?, model_dir, cfg, format, fused)?))
+                Ok(Model::Gpu(Decoder::load(
+                    WgpuBackend::new(false)?,
+                    model_dir,
+                    cfg,
+                    format,
+                    fused,
+                )?))
             }
             #[cfg(feature = "gpu")]
-            BackendKind::Auto => match crate::backend::wgpu::check_shapes(cfg.head_dim).and_then(|_| WgpuBackend::new(true)) {
+            BackendKind::Auto => match crate::backend::wgpu::check_shapes(cfg.head_dim)
+                .and_then(|_| WgpuBackend::new(true))
+            {
                 Ok(b) => Ok(Model::Gpu(Decoder::load(b, model_dir, cfg, format, fused)?)),
-                Err(_) => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
+                Err(_) => Ok(Model::Cpu(Decoder::load(
+                    CpuBackend, model_dir, cfg, format, fused,
+                )?)),
             },
             #[cfg(not(feature = "gpu"))]
-            BackendKind::Auto => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
+            BackendKind::Auto => Ok(Model::Cpu(Decoder::load(
+                CpuBackend, model_dir, cfg, format, fused,
+            )?)),
             #[cfg(not(feature = "gpu"))]
             BackendKind::Gpu => unreachable!("BackendKind::parse refuses gpu without the feature"),
         }
@@ -68,6 +88,17 @@ impl Model {
         with_decoder!(self, m => m.weight_bytes())
     }
 
+    /// Matrices held in a 16-bit format because their rows are not whole blocks of the one
+    /// asked for.
+    pub fn weight_fallbacks(&self) -> Vec<String> {
+        with_decoder!(self, m => m.loaded.fallbacks.clone())
+    }
+
+    /// Bytes the checkpoint stores for the matrices (norms and biases left out).
+    pub fn checkpoint_matrix_bytes(&self) -> usize {
+        with_decoder!(self, m => m.loaded.stored_bytes)
+    }
+
     pub fn parameter_count(&self) -> usize {
         with_decoder!(self, m => m.parameter_count())
     }
@@ -78,7 +109,12 @@ impl Model {
         match self {
             Model::Cpu(_) => None,
             #[cfg(feature = "gpu")]
-            Model::Gpu(m) => Some((m.backend.adapter_name(), m.backend.api(), m.backend.device_type(), m.backend.dispatches_last_step())),
+            Model::Gpu(m) => Some((
+                m.backend.adapter_name(),
+                m.backend.api(),
+                m.backend.device_type(),
+                m.backend.dispatches_last_step(),
+            )),
         }
     }
 
@@ -89,7 +125,13 @@ impl Model {
             #[cfg(feature = "gpu")]
             Model::Gpu(m) => {
                 let p = m.backend.profile();
-                Some((p.steps, p.dispatches, p.encode_s, p.wall_s, p.has_timestamps.then_some(p.gpu_s)))
+                Some((
+                    p.steps,
+                    p.dispatches,
+                    p.encode_s,
+                    p.wall_s,
+                    p.has_timestamps.then_some(p.gpu_s),
+                ))
             }
         }
     }

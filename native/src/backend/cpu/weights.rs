@@ -8,7 +8,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use memmap2::Mmap;
 
-use crate::tensor::WeightFormat;
+use crate::tensor::{q8_0_weight, quantize_q8_0, WeightFormat, Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
 
 /// Borrowed weights, row-major.
 #[derive(Clone, Copy)]
@@ -16,6 +16,8 @@ pub enum WeightView<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     Bf16(&'a [bf16]),
+    /// Whole Q8_0 blocks (rows are whole blocks).
+    Q8_0(&'a [u8]),
 }
 
 impl WeightView<'_> {
@@ -26,6 +28,19 @@ impl WeightView<'_> {
             WeightView::F32(d) => d[i],
             WeightView::F16(d) => d[i].to_f32(),
             WeightView::Bf16(d) => d[i].to_f32(),
+            WeightView::Q8_0(d) => {
+                q8_0_weight(&d[i / Q8_0_BLOCK * Q8_0_BLOCK_BYTES..], i % Q8_0_BLOCK)
+            }
+        }
+    }
+
+    /// Number of weights.
+    pub fn len(&self) -> usize {
+        match self {
+            WeightView::F32(d) => d.len(),
+            WeightView::F16(d) => d.len(),
+            WeightView::Bf16(d) => d.len(),
+            WeightView::Q8_0(d) => d.len() / Q8_0_BLOCK_BYTES * Q8_0_BLOCK,
         }
     }
 
@@ -42,15 +57,25 @@ impl WeightView<'_> {
                 use half::slice::HalfFloatSliceExt;
                 d[start..end].convert_to_f32_slice(out)
             }
+            WeightView::Q8_0(_) => {
+                for (i, o) in out.iter_mut().enumerate() {
+                    *o = self.get(start + i);
+                }
+            }
         }
     }
 }
 
 enum Storage {
-    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    Mapped {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
+    Q8_0(Vec<u8>),
 }
 
 /// A weight matrix W (rows, cols), row-major: a Linear layer's `weight` is (out, in).
@@ -63,11 +88,22 @@ pub struct Matrix {
 
 impl Matrix {
     /// A view into a mapped file; the caller has checked bounds, size and alignment.
-    pub fn mapped(rows: usize, cols: usize, format: WeightFormat, map: Arc<Mmap>, offset: usize) -> Self {
-        let len = rows * cols * format.bytes_per_element();
-        debug_assert!(offset + len <= map.len());
-        debug_assert_eq!((map.as_ptr() as usize + offset) % format.bytes_per_element(), 0);
-        Matrix { rows, cols, format, storage: Storage::Mapped { map, offset, len } }
+    pub fn mapped(
+        rows: usize,
+        cols: usize,
+        format: WeightFormat,
+        map: Arc<Mmap>,
+        offset: usize,
+    ) -> Self {
+        let len = rows * format.row_bytes(cols);
+        debug_assert!(format.is_plain() && offset + len <= map.len());
+        debug_assert_eq!((map.as_ptr() as usize + offset) % format.block().1, 0);
+        Matrix {
+            rows,
+            cols,
+            format,
+            storage: Storage::Mapped { map, offset, len },
+        }
     }
 
     /// An owned matrix in `format`, converted from f32 values.
@@ -76,9 +112,17 @@ impl Matrix {
         let storage = match format {
             WeightFormat::F32 => Storage::F32(values),
             WeightFormat::F16 => Storage::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
-            WeightFormat::Bf16 => Storage::Bf16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
+            WeightFormat::Bf16 => {
+                Storage::Bf16(values.iter().map(|&x| bf16::from_f32(x)).collect())
+            }
+            WeightFormat::Q8_0 => Storage::Q8_0(quantize_q8_0(&values)),
         };
-        Matrix { rows, cols, format, storage }
+        Matrix {
+            rows,
+            cols,
+            format,
+            storage,
+        }
     }
 
     pub fn view(&self) -> WeightView<'_> {
@@ -89,16 +133,18 @@ impl Matrix {
                     WeightFormat::F32 => WeightView::F32(bytemuck::cast_slice(bytes)),
                     WeightFormat::F16 => WeightView::F16(bytemuck::cast_slice(bytes)),
                     WeightFormat::Bf16 => WeightView::Bf16(bytemuck::cast_slice(bytes)),
+                    WeightFormat::Q8_0 => WeightView::Q8_0(bytes),
                 }
             }
             Storage::F32(v) => WeightView::F32(v),
             Storage::F16(v) => WeightView::F16(v),
             Storage::Bf16(v) => WeightView::Bf16(v),
+            Storage::Q8_0(v) => WeightView::Q8_0(v),
         }
     }
 
     pub fn byte_size(&self) -> usize {
-        self.rows * self.cols * self.format.bytes_per_element()
+        self.rows * self.format.row_bytes(self.cols)
     }
 
     pub fn is_mapped(&self) -> bool {

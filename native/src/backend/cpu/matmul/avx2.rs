@@ -11,7 +11,9 @@ use crate::backend::cpu::weights::WeightView;
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     })
 }
 
@@ -90,10 +92,48 @@ tile_kernel!(tile_f16, f16, load_f16);
 tile_kernel!(tile_bf16, bf16, load_bf16);
 
 /// One register tile: weight rows row0..row0+nr against x rows (nb of them, stride cols).
-pub unsafe fn tile(w: WeightView<'_>, row0: usize, cols: usize, x: *const f32, nr: usize, nb: usize, out: *mut f32, ldo: usize) {
+pub unsafe fn tile(
+    w: WeightView<'_>,
+    row0: usize,
+    cols: usize,
+    x: *const f32,
+    nr: usize,
+    nb: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
     match w {
-        WeightView::F32(d) => dispatch!(tile_f32, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
-        WeightView::F16(d) => dispatch!(tile_f16, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
-        WeightView::Bf16(d) => dispatch!(tile_bf16, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
+        WeightView::F32(d) => dispatch!(
+            tile_f32,
+            nr,
+            nb,
+            d.as_ptr().add(row0 * cols),
+            cols,
+            x,
+            out,
+            ldo
+        ),
+        WeightView::F16(d) => dispatch!(
+            tile_f16,
+            nr,
+            nb,
+            d.as_ptr().add(row0 * cols),
+            cols,
+            x,
+            out,
+            ldo
+        ),
+        WeightView::Bf16(d) => dispatch!(
+            tile_bf16,
+            nr,
+            nb,
+            d.as_ptr().add(row0 * cols),
+            cols,
+            x,
+            out,
+            ldo
+        ),
+        // No int8 kernel yet: the plain-Rust one (same order on every path of this machine).
+        WeightView::Q8_0(_) => super::portable::tile(w, row0, cols, x, nr, nb, out, ldo),
     }
 }
