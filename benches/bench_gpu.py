@@ -94,7 +94,9 @@ def run_peer(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     # The static cache compiles one graph per (batch, cache length): every shape timed below
     # is warmed up first, and the compile cache holds them all (its default limit is 8).
-    torch._dynamo.config.cache_size_limit = 64
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, and the older one
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
     for mode, kw in (("eager", {}), ("static_compiled", {"cache_implementation": "static"})):
         res: dict[str, Any] = {}
         for b in (int(x) for x in args.batches.split(",")):

@@ -19,29 +19,14 @@ use engine::sampler::SamplingParams;
 use engine::stats::Stats;
 use engine::{Engine, EngineOptions, Prompt};
 
-create_exception!(
-    upg_batch._native,
-    EngineError,
-    PyException,
-    "An error of the native engine: bad model files, bad input, an unavailable backend."
-);
+create_exception!(upg_batch._native, EngineError, PyException, "An error of the native engine: bad model files, bad input, an unavailable backend.");
 
 fn to_py(e: error::EngineError) -> PyErr {
     EngineError::new_err(e.to_string())
 }
 
 /// (max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)
-type NativeParams = (
-    usize,
-    f64,
-    usize,
-    f64,
-    f64,
-    Option<u64>,
-    Vec<String>,
-    Vec<u32>,
-    bool,
-);
+type NativeParams = (usize, f64, usize, f64, f64, Option<u64>, Vec<String>, Vec<u32>, bool);
 /// (token_ids, text, finish_reason, prompt_tokens, ttft_s, latency_s)
 type NativeOutput = (Vec<u32>, String, &'static str, usize, f64, f64);
 
@@ -71,53 +56,27 @@ impl NativeEngine {
         context: Option<usize>,
         fused: bool,
     ) -> PyResult<Self> {
-        let opts = EngineOptions {
-            backend,
-            weights,
-            threads,
-            max_batch,
-            context,
-            fused,
-        };
-        let inner = py
-            .allow_threads(|| Engine::load(&model_dir, opts))
-            .map_err(to_py)?;
+        let opts = EngineOptions { backend, weights, threads, max_batch, context, fused };
+        let inner = py.allow_threads(|| Engine::load(&model_dir, opts)).map_err(to_py)?;
         Ok(NativeEngine { inner })
     }
 
     fn tokenize(&self, py: Python<'_>, text: String) -> PyResult<Vec<u32>> {
-        py.allow_threads(|| self.inner.tokenize(&text))
-            .map_err(to_py)
+        py.allow_threads(|| self.inner.tokenize(&text)).map_err(to_py)
     }
 
     fn detokenize(&self, py: Python<'_>, ids: Vec<u32>) -> PyResult<String> {
-        py.allow_threads(|| self.inner.detokenize(&ids))
-            .map_err(to_py)
+        py.allow_threads(|| self.inner.detokenize(&ids)).map_err(to_py)
     }
 
     /// (float32 bytes, rows, vocab)
-    fn logits<'py>(
-        &self,
-        py: Python<'py>,
-        ids: Vec<u32>,
-    ) -> PyResult<(Bound<'py, PyBytes>, usize, usize)> {
-        let values = py
-            .allow_threads(|| self.inner.logits(&ids))
-            .map_err(to_py)?;
+    fn logits<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<(Bound<'py, PyBytes>, usize, usize)> {
+        let values = py.allow_threads(|| self.inner.logits(&ids)).map_err(to_py)?;
         let bytes: &[u8] = bytemuck::cast_slice(&values);
-        Ok((
-            PyBytes::new(py, bytes),
-            ids.len(),
-            self.inner.model.cfg().vocab_size,
-        ))
+        Ok((PyBytes::new(py, bytes), ids.len(), self.inner.model.cfg().vocab_size))
     }
 
-    fn generate(
-        &self,
-        py: Python<'_>,
-        prompts: Vec<PyPrompt>,
-        params: Vec<NativeParams>,
-    ) -> PyResult<Vec<NativeOutput>> {
+    fn generate(&self, py: Python<'_>, prompts: Vec<PyPrompt>, params: Vec<NativeParams>) -> PyResult<Vec<NativeOutput>> {
         let prompts = prompts
             .into_iter()
             .map(|p| match p {
@@ -127,46 +86,20 @@ impl NativeEngine {
             .collect();
         let params = params
             .into_iter()
-            .map(
-                |(
-                    max_tokens,
-                    temperature,
-                    top_k,
-                    top_p,
-                    min_p,
-                    seed,
-                    stop,
-                    stop_token_ids,
-                    ignore_eos,
-                )| SamplingParams {
-                    max_tokens,
-                    temperature,
-                    top_k,
-                    top_p,
-                    min_p,
-                    seed,
-                    stop,
-                    stop_token_ids,
-                    ignore_eos,
-                },
-            )
-            .collect();
-        let outputs = py
-            .allow_threads(|| self.inner.generate(prompts, params))
-            .map_err(to_py)?;
-        Ok(outputs
-            .into_iter()
-            .map(|o| {
-                (
-                    o.token_ids,
-                    o.text,
-                    o.finish_reason.as_str(),
-                    o.prompt_tokens,
-                    o.ttft_s,
-                    o.latency_s,
-                )
+            .map(|(max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)| SamplingParams {
+                max_tokens,
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                seed,
+                stop,
+                stop_token_ids,
+                ignore_eos,
             })
-            .collect())
+            .collect();
+        let outputs = py.allow_threads(|| self.inner.generate(prompts, params)).map_err(to_py)?;
+        Ok(outputs.into_iter().map(|o| (o.token_ids, o.text, o.finish_reason.as_str(), o.prompt_tokens, o.ttft_s, o.latency_s)).collect())
     }
 
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -225,10 +158,7 @@ impl NativeEngine {
         let capacity = (e.max_batch * e.context) as u64;
         let kv_tokens = Stats::get(&s.kv_cache_tokens);
         d.set_item("prompt_tokens_total", Stats::get(&s.prompt_tokens_total))?;
-        d.set_item(
-            "generation_tokens_total",
-            Stats::get(&s.generation_tokens_total),
-        )?;
+        d.set_item("generation_tokens_total", Stats::get(&s.generation_tokens_total))?;
         d.set_item("steps_total", Stats::get(&s.steps_total))?;
         d.set_item("running_sequences", Stats::get(&s.running_sequences))?;
         d.set_item("waiting_sequences", Stats::get(&s.waiting_sequences))?;
@@ -265,10 +195,7 @@ fn measure_gpu_read_bandwidth(py: Python<'_>, bytes: u64, repeats: u32) -> PyRes
     #[cfg(not(feature = "gpu"))]
     {
         let _ = (py, bytes, repeats);
-        Err(to_py(error::EngineError::Backend(
-            "gpu".into(),
-            "built without the `gpu` feature".into(),
-        )))
+        Err(to_py(error::EngineError::Backend("gpu".into(), "built without the `gpu` feature".into())))
     }
 }
 

@@ -80,11 +80,7 @@ impl WeightFormat {
 /// Quantizes `values` (whole Q8_0 blocks) as ggml's reference does: d = max|v| / 127 rounded to
 /// f16, q = round(v / d) (halves away from zero).
 pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
-    assert_eq!(
-        values.len() % Q8_0_BLOCK,
-        0,
-        "Q8_0 needs whole blocks of 32"
-    );
+    assert_eq!(values.len() % Q8_0_BLOCK, 0, "Q8_0 needs whole blocks of 32");
     let mut out = Vec::with_capacity(values.len() / Q8_0_BLOCK * Q8_0_BLOCK_BYTES);
     for block in values.chunks_exact(Q8_0_BLOCK) {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -104,10 +100,7 @@ pub fn q8_0_weight(block: &[u8], j: usize) -> f32 {
 
 /// Every weight of whole Q8_0 blocks, as f32.
 pub fn dequantize_q8_0(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(Q8_0_BLOCK_BYTES)
-        .flat_map(|b| (0..Q8_0_BLOCK).map(move |j| q8_0_weight(b, j)))
-        .collect()
+    bytes.chunks_exact(Q8_0_BLOCK_BYTES).flat_map(|b| (0..Q8_0_BLOCK).map(move |j| q8_0_weight(b, j))).collect()
 }
 
 /// One tensor of a checkpoint as it sits in a mapped file: its stored dtype, its shape and
@@ -135,27 +128,16 @@ impl HostTensor<'_> {
 
     /// Whether the data may be viewed in place as `format` (same dtype, aligned for it).
     pub fn viewable_as(&self, format: WeightFormat) -> bool {
-        format.is_plain()
-            && self.dtype == format
-            && (self.map.as_ptr() as usize + self.start) % format.block().1 == 0
+        format.is_plain() && self.dtype == format && (self.map.as_ptr() as usize + self.start) % format.block().1 == 0
     }
 
     /// All elements as f32, read byte by byte (the data may sit at any alignment).
     pub fn to_f32(&self) -> Vec<f32> {
         let bytes = self.bytes();
         match self.dtype {
-            DType::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            DType::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            DType::Bf16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            DType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            DType::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             DType::Q8_0 => dequantize_q8_0(bytes),
         }
     }
@@ -170,14 +152,8 @@ impl HostTensor<'_> {
         let values = self.to_f32();
         match format {
             WeightFormat::F32 => bytemuck::cast_slice(&values).to_vec(),
-            WeightFormat::F16 => values
-                .iter()
-                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-                .collect(),
-            WeightFormat::Bf16 => values
-                .iter()
-                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-                .collect(),
+            WeightFormat::F16 => values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
+            WeightFormat::Bf16 => values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
             WeightFormat::Q8_0 => quantize_q8_0(&values),
         }
     }

@@ -15,12 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use super::{AttentionShape, Backend, CacheShape, StepInput, StepRow};
 use crate::tensor::{HostTensor, WeightFormat};
 
-const FORMATS: [WeightFormat; 4] = [
-    WeightFormat::F32,
-    WeightFormat::F16,
-    WeightFormat::Bf16,
-    WeightFormat::Q8_0,
-];
+const FORMATS: [WeightFormat; 4] = [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16, WeightFormat::Q8_0];
 
 fn random(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
@@ -39,30 +34,14 @@ fn rounded(values: &[f32], format: WeightFormat) -> Vec<f64> {
         WeightFormat::F32 => values.iter().map(|&v| v as f64).collect(),
         WeightFormat::F16 => values.iter().map(|&v| f16::from_f32(v).to_f64()).collect(),
         WeightFormat::Bf16 => values.iter().map(|&v| bf16::from_f32(v).to_f64()).collect(),
-        WeightFormat::Q8_0 => crate::tensor::dequantize_q8_0(&crate::tensor::quantize_q8_0(values))
-            .iter()
-            .map(|&v| v as f64)
-            .collect(),
+        WeightFormat::Q8_0 => crate::tensor::dequantize_q8_0(&crate::tensor::quantize_q8_0(values)).iter().map(|&v| v as f64).collect(),
     }
 }
 
-fn upload<B: Backend>(
-    b: &B,
-    values: &[f32],
-    rows: usize,
-    cols: usize,
-    format: WeightFormat,
-) -> B::Matrix {
+fn upload<B: Backend>(b: &B, values: &[f32], rows: usize, cols: usize, format: WeightFormat) -> B::Matrix {
     let map = mapped(values);
     let shape = [rows, cols];
-    let t = HostTensor {
-        name: "w",
-        dtype: WeightFormat::F32,
-        shape: &shape,
-        map: &map,
-        start: 0,
-        end: values.len() * 4,
-    };
+    let t = HostTensor { name: "w", dtype: WeightFormat::F32, shape: &shape, map: &map, start: 0, end: values.len() * 4 };
     b.upload_matrix(&t, rows, cols, format).expect("upload")
 }
 
@@ -75,10 +54,7 @@ fn act<B: Backend>(b: &B, values: &[f32], rows: usize, width: usize) -> B::Act {
 fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (*g as f64 - w).abs() <= tol * w.abs().max(1.0),
-            "{what}: element {i}: {g} vs reference {w} (tolerance {tol})"
-        );
+        assert!((*g as f64 - w).abs() <= tol * w.abs().max(1.0), "{what}: element {i}: {g} vs reference {w} (tolerance {tol})");
     }
 }
 
@@ -91,12 +67,7 @@ fn rms(x: &[f32], eps: f64) -> f64 {
 }
 
 fn one_step<B: Backend>(b: &B, rows: &[StepRow], rope: &[f32], logit_rows: &[usize]) -> B::Step {
-    b.begin_step(&StepInput {
-        rows,
-        rope,
-        logit_rows,
-    })
-    .expect("step")
+    b.begin_step(&StepInput { rows, rope, logit_rows }).expect("step")
 }
 
 /// Matrix products in every format, with bias, folded norm, residual and SwiGLU, against f64.
@@ -104,30 +75,14 @@ fn one_step<B: Backend>(b: &B, rows: &[StepRow], rope: &[f32], logit_rows: &[usi
 fn matmuls<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
     let eps = 1e-5;
     // Batch sizes on both sides of the GPU's matmul tiles (1, 4, 16 rows per workgroup).
-    for (rows, cols, n) in [
-        (5, 8, 1),
-        (13, 68, 3),
-        (70, 260, 9),
-        (9, 36, 21),
-        (7, 96, 1),
-        (11, 64, 21),
-    ] {
+    for (rows, cols, n) in [(5, 8, 1), (13, 68, 3), (70, 260, 9), (9, 36, 21), (7, 96, 1), (11, 64, 21)] {
         let tol = 1e-5 * (cols as f64).sqrt() * 4.0;
         for format in FORMATS.into_iter().filter(|f| f.fits_row(cols)) {
             let what = format!("{rows}x{cols} {} batch {n}", format.name());
-            let (wv, uv, x, bias, g, res) = (
-                random(rows * cols, rng),
-                random(rows * cols, rng),
-                random(n * cols, rng),
-                random(rows, rng),
-                random(cols, rng),
-                random(n * rows, rng),
-            );
+            let (wv, uv, x, bias, g, res) =
+                (random(rows * cols, rng), random(rows * cols, rng), random(n * cols, rng), random(rows, rng), random(cols, rng), random(n * rows, rng));
             let (wr, ur) = (rounded(&wv, format), rounded(&uv, format));
-            let (w, u) = (
-                upload(b, &wv, rows, cols, format),
-                upload(b, &uv, rows, cols, format),
-            );
+            let (w, u) = (upload(b, &wv, rows, cols, format), upload(b, &uv, rows, cols, format));
             let xa = act(b, &x, n, cols);
             let bias_v = b.upload_vector(&bias).unwrap();
             let g_v = b.upload_vector(&g).unwrap();
@@ -136,105 +91,53 @@ fn matmuls<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
                 .flat_map(|i| {
                     let xi = &x[i * cols..(i + 1) * cols];
                     let inv = rms(xi, eps);
-                    xi.iter()
-                        .zip(&g)
-                        .map(move |(&v, &gg)| (v as f64 * inv * gg as f64) as f32)
-                        .collect::<Vec<_>>()
+                    xi.iter().zip(&g).map(move |(&v, &gg)| (v as f64 * inv * gg as f64) as f32).collect::<Vec<_>>()
                 })
                 .collect();
             let reference = |xs: &[f32], m: &[f64], with_bias: bool| -> Vec<f64> {
                 (0..n)
                     .flat_map(|i| (0..rows).map(move |r| (i, r)))
-                    .map(|(i, r)| {
-                        dot(&row(m, r), &xs[i * cols..(i + 1) * cols])
-                            + if with_bias { bias[r] as f64 } else { 0.0 }
-                    })
+                    .map(|(i, r)| dot(&row(m, r), &xs[i * cols..(i + 1) * cols]) + if with_bias { bias[r] as f64 } else { 0.0 })
                     .collect()
             };
 
             let mut out = b.activation(n, rows).unwrap();
             b.matmul(n, &w, Some(&bias_v), &xa, &mut out);
-            assert_close(
-                &format!("matmul+bias {what}"),
-                &b.read(n, &out).unwrap(),
-                &reference(&x, &wr, true),
-                tol,
-            );
+            assert_close(&format!("matmul+bias {what}"), &b.read(n, &out).unwrap(), &reference(&x, &wr, true), tol);
 
             let mut scratch = b.activation(n, cols).unwrap();
             b.norm_matmul(n, &xa, &g_v, eps, &w, None, &mut scratch, &mut out);
-            assert_close(
-                &format!("norm_matmul {what}"),
-                &b.read(n, &out).unwrap(),
-                &reference(&normed, &wr, false),
-                tol,
-            );
+            assert_close(&format!("norm_matmul {what}"), &b.read(n, &out).unwrap(), &reference(&normed, &wr, false), tol);
 
             let mut acc = act(b, &res, n, rows);
             let mut scratch_out = b.activation(n, rows).unwrap();
             b.matmul_add(n, &w, Some(&bias_v), &xa, &mut scratch_out, &mut acc);
-            let want: Vec<f64> = reference(&x, &wr, true)
-                .iter()
-                .zip(&res)
-                .map(|(a, &r)| a + r as f64)
-                .collect();
-            assert_close(
-                &format!("matmul_add {what}"),
-                &b.read(n, &acc).unwrap(),
-                &want,
-                tol,
-            );
+            let want: Vec<f64> = reference(&x, &wr, true).iter().zip(&res).map(|(a, &r)| a + r as f64).collect();
+            assert_close(&format!("matmul_add {what}"), &b.read(n, &acc).unwrap(), &want, tol);
 
-            let (mut gate, mut up) = (
-                b.activation(n, rows).unwrap(),
-                b.activation(n, rows).unwrap(),
-            );
+            let (mut gate, mut up) = (b.activation(n, rows).unwrap(), b.activation(n, rows).unwrap());
             b.norm_gate_up(n, &xa, &g_v, eps, &w, &u, &mut scratch, &mut gate, &mut up);
-            let (gr, ur2) = (
-                reference(&normed, &wr, false),
-                reference(&normed, &ur, false),
-            );
-            let want: Vec<f64> = gr
-                .iter()
-                .zip(&ur2)
-                .map(|(&gg, &uu)| gg / (1.0 + (-gg).exp()) * uu)
-                .collect();
-            assert_close(
-                &format!("norm_gate_up {what}"),
-                &b.read(n, &gate).unwrap(),
-                &want,
-                tol,
-            );
+            let (gr, ur2) = (reference(&normed, &wr, false), reference(&normed, &ur, false));
+            let want: Vec<f64> = gr.iter().zip(&ur2).map(|(&gg, &uu)| gg / (1.0 + (-gg).exp()) * uu).collect();
+            assert_close(&format!("norm_gate_up {what}"), &b.read(n, &gate).unwrap(), &want, tol);
 
             // Batch invariance: each row alone gives the bits it gives in the batch, for the
             // plain, norm-folded and gated products.
             let run = |m: usize, xs: &B::Act| -> [Vec<f32>; 3] {
-                let (mut o, mut scratch) = (
-                    b.activation(m, rows).unwrap(),
-                    b.activation(m, cols).unwrap(),
-                );
+                let (mut o, mut scratch) = (b.activation(m, rows).unwrap(), b.activation(m, cols).unwrap());
                 b.matmul(m, &w, Some(&bias_v), xs, &mut o);
                 let plain = b.read(m, &o).unwrap();
                 b.norm_matmul(m, xs, &g_v, eps, &w, None, &mut scratch, &mut o);
                 let normed = b.read(m, &o).unwrap();
-                let (mut gate, mut up) = (
-                    b.activation(m, rows).unwrap(),
-                    b.activation(m, rows).unwrap(),
-                );
+                let (mut gate, mut up) = (b.activation(m, rows).unwrap(), b.activation(m, rows).unwrap());
                 b.norm_gate_up(m, xs, &g_v, eps, &w, &u, &mut scratch, &mut gate, &mut up);
                 [plain, normed, b.read(m, &gate).unwrap()]
             };
             let batched = run(n, &xa);
             for i in 0..n {
                 let alone = run(1, &act(b, &x[i * cols..(i + 1) * cols], 1, cols));
-                for (form, (a1, bn)) in ["matmul", "norm_matmul", "norm_gate_up"]
-                    .iter()
-                    .zip(alone.iter().zip(&batched))
-                {
-                    let same = a1
-                        .iter()
-                        .zip(&bn[i * rows..(i + 1) * rows])
-                        .all(|(p, q)| p.to_bits() == q.to_bits());
+                for (form, (a1, bn)) in ["matmul", "norm_matmul", "norm_gate_up"].iter().zip(alone.iter().zip(&batched)) {
+                    let same = a1.iter().zip(&bn[i * rows..(i + 1) * rows]).all(|(p, q)| p.to_bits() == q.to_bits());
                     assert!(same, "{form} {what}: row {i} alone differs from the batch");
                 }
             }
@@ -255,39 +158,16 @@ fn qkv<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
             let values: Vec<Vec<f32>> = rows.iter().map(|&r| random(r * cols, rng)).collect();
             let biases: Vec<Vec<f32>> = rows.iter().map(|&r| random(r, rng)).collect();
             let (x, g) = (random(n * cols, rng), random(cols, rng));
-            let mats: Vec<B::Matrix> = values
-                .iter()
-                .zip(rows)
-                .map(|(v, r)| upload(b, v, r, cols, format))
-                .collect();
-            let bias_v: Vec<B::Vector> =
-                biases.iter().map(|v| b.upload_vector(v).unwrap()).collect();
+            let mats: Vec<B::Matrix> = values.iter().zip(rows).map(|(v, r)| upload(b, v, r, cols, format)).collect();
+            let bias_v: Vec<B::Vector> = biases.iter().map(|v| b.upload_vector(v).unwrap()).collect();
             let g_v = b.upload_vector(&g).unwrap();
             let run = |m: usize, xs: &[f32]| -> Vec<Vec<f32>> {
                 let xa = act(b, xs, m, cols);
                 let mut normed = b.activation(m, cols).unwrap();
-                let mut outs: Vec<B::Act> =
-                    rows.iter().map(|&r| b.activation(m, r).unwrap()).collect();
-                let bias = if with_bias {
-                    [Some(&bias_v[0]), Some(&bias_v[1]), Some(&bias_v[2])]
-                } else {
-                    [None; 3]
-                };
-                let [q, k, v] = &mut outs[..] else {
-                    unreachable!()
-                };
-                b.norm_qkv(
-                    m,
-                    &xa,
-                    &g_v,
-                    eps,
-                    [&mats[0], &mats[1], &mats[2]],
-                    bias,
-                    &mut normed,
-                    q,
-                    k,
-                    v,
-                );
+                let mut outs: Vec<B::Act> = rows.iter().map(|&r| b.activation(m, r).unwrap()).collect();
+                let bias = if with_bias { [Some(&bias_v[0]), Some(&bias_v[1]), Some(&bias_v[2])] } else { [None; 3] };
+                let [q, k, v] = &mut outs[..] else { unreachable!() };
+                b.norm_qkv(m, &xa, &g_v, eps, [&mats[0], &mats[1], &mats[2]], bias, &mut normed, q, k, v);
                 outs.iter().map(|o| b.read(m, o).unwrap()).collect()
             };
             let got = run(n, &x);
@@ -298,13 +178,8 @@ fn qkv<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
                     .map(|(i, r)| {
                         let xi = &x[i * cols..(i + 1) * cols];
                         let inv = rms(xi, eps);
-                        let normed: Vec<f32> = xi
-                            .iter()
-                            .zip(&g)
-                            .map(|(&v, &gg)| (v as f64 * inv * gg as f64) as f32)
-                            .collect();
-                        dot(&wr[r * cols..(r + 1) * cols], &normed)
-                            + if with_bias { biases[s][r] as f64 } else { 0.0 }
+                        let normed: Vec<f32> = xi.iter().zip(&g).map(|(&v, &gg)| (v as f64 * inv * gg as f64) as f32).collect();
+                        dot(&wr[r * cols..(r + 1) * cols], &normed) + if with_bias { biases[s][r] as f64 } else { 0.0 }
                     })
                     .collect();
                 assert_close(&format!("{what} {name}"), &got[s], &want, tol);
@@ -312,14 +187,8 @@ fn qkv<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
             for i in 0..n {
                 let alone = run(1, &x[i * cols..(i + 1) * cols]);
                 for s in 0..3 {
-                    let same = alone[s]
-                        .iter()
-                        .zip(&got[s][i * rows[s]..(i + 1) * rows[s]])
-                        .all(|(p, q)| p.to_bits() == q.to_bits());
-                    assert!(
-                        same,
-                        "{what}: output {s} of row {i} alone differs from the batch"
-                    );
+                    let same = alone[s].iter().zip(&got[s][i * rows[s]..(i + 1) * rows[s]]).all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(same, "{what}: output {s} of row {i} alone differs from the batch");
                 }
             }
         }
@@ -334,48 +203,24 @@ fn row_ops<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
     let wv = b.upload_vector(&w).unwrap();
     let mut out = b.activation(n, d).unwrap();
     b.rmsnorm(n, &xa, &wv, eps, &mut out);
-    let want: Vec<f64> = (0..n * d)
-        .map(|k| x[k] as f64 * rms(&x[k / d * d..(k / d + 1) * d], eps) * w[k % d] as f64)
-        .collect();
+    let want: Vec<f64> = (0..n * d).map(|k| x[k] as f64 * rms(&x[k / d * d..(k / d + 1) * d], eps) * w[k % d] as f64).collect();
     assert_close("rmsnorm", &b.read(n, &out).unwrap(), &want, 1e-5);
 
-    let rows: Vec<StepRow> = (0..n)
-        .map(|i| StepRow {
-            slot: 0,
-            pos: i,
-            token: (i * 7 % 11) as u32,
-        })
-        .collect();
+    let rows: Vec<StepRow> = (0..n).map(|i| StepRow { slot: 0, pos: i, token: (i * 7 % 11) as u32 }).collect();
     let rope = vec![0f32; n * 2];
     let step = one_step(b, &rows, &rope, &[4, 1]);
     b.rmsnorm_logit_rows(&step, &xa, &wv, eps, &mut out);
-    let want: Vec<f64> = [4, 1]
-        .iter()
-        .flat_map(|&i| want[i * d..(i + 1) * d].to_vec())
-        .collect();
-    assert_close(
-        "rmsnorm of logit rows",
-        &b.read(2, &out).unwrap(),
-        &want,
-        1e-5,
-    );
+    let want: Vec<f64> = [4, 1].iter().flat_map(|&i| want[i * d..(i + 1) * d].to_vec()).collect();
+    assert_close("rmsnorm of logit rows", &b.read(2, &out).unwrap(), &want, 1e-5);
 
     let mut g = act(b, &x, n, d);
     b.silu_mul(n, &mut g, &act(b, &y, n, d));
-    let want: Vec<f64> = x
-        .iter()
-        .zip(&y)
-        .map(|(&a, &c)| a as f64 / (1.0 + (-(a as f64)).exp()) * c as f64)
-        .collect();
+    let want: Vec<f64> = x.iter().zip(&y).map(|(&a, &c)| a as f64 / (1.0 + (-(a as f64)).exp()) * c as f64).collect();
     assert_close("silu_mul", &b.read(n, &g).unwrap(), &want, 1e-6);
 
     let mut s = act(b, &x, n, d);
     b.add(n, &mut s, &act(b, &y, n, d));
-    let want: Vec<f64> = x
-        .iter()
-        .zip(&y)
-        .map(|(&a, &c)| a as f64 + c as f64)
-        .collect();
+    let want: Vec<f64> = x.iter().zip(&y).map(|(&a, &c)| a as f64 + c as f64).collect();
     assert_close("add", &b.read(n, &s).unwrap(), &want, 1e-6);
 
     for format in FORMATS {
@@ -386,16 +231,8 @@ fn row_ops<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
         let mut e = b.activation(n, h).unwrap();
         b.embed(&step, &t, &mut e);
         let held = rounded(&table, format);
-        let want: Vec<f64> = rows
-            .iter()
-            .flat_map(|r| held[r.token as usize * h..(r.token as usize + 1) * h].to_vec())
-            .collect();
-        assert_close(
-            &format!("embed {}", format.name()),
-            &b.read(n, &e).unwrap(),
-            &want,
-            0.0,
-        );
+        let want: Vec<f64> = rows.iter().flat_map(|r| held[r.token as usize * h..(r.token as usize + 1) * h].to_vec()).collect();
+        assert_close(&format!("embed {}", format.name()), &b.read(n, &e).unwrap(), &want, 0.0);
     }
 }
 
@@ -405,52 +242,25 @@ fn row_ops<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
 fn attention<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
     for (heads, kv_heads, hd, window) in [(4, 2, 16, None), (2, 1, 96, Some(37))] {
         let (qd, kvd, context) = (heads * hd, kv_heads * hd, 160);
-        let shape = AttentionShape {
-            heads,
-            kv_heads,
-            head_dim: hd,
-            window,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+        let shape = AttentionShape { heads, kv_heads, head_dim: hd, window, scale: 1.0 / (hd as f32).sqrt() };
         let lens = [(1usize, 150usize), (0, 5)];
-        let rows: Vec<StepRow> = lens
-            .iter()
-            .flat_map(|&(slot, len)| {
-                (0..len).map(move |pos| StepRow {
-                    slot,
-                    pos,
-                    token: 0,
-                })
-            })
-            .collect();
+        let rows: Vec<StepRow> = lens.iter().flat_map(|&(slot, len)| (0..len).map(move |pos| StepRow { slot, pos, token: 0 })).collect();
         let n = rows.len();
-        let angles: Vec<f32> = (0..n * hd / 2)
-            .map(|_| rng.gen_range(-3.0f32..3.0))
-            .collect();
+        let angles: Vec<f32> = (0..n * hd / 2).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
         let rope: Vec<f32> = (0..n)
             .flat_map(|i| {
                 let a = &angles[i * hd / 2..(i + 1) * hd / 2];
-                a.iter()
-                    .map(|v| v.cos())
-                    .chain(a.iter().map(|v| v.sin()))
-                    .collect::<Vec<_>>()
+                a.iter().map(|v| v.cos()).chain(a.iter().map(|v| v.sin())).collect::<Vec<_>>()
             })
             .collect();
-        let (q, k, v) = (
-            random(n * qd, rng),
-            random(n * kvd, rng),
-            random(n * kvd, rng),
-        );
+        let (q, k, v) = (random(n * qd, rng), random(n * kvd, rng), random(n * kvd, rng));
         let rotate = |x: &[f32], width: usize| -> Vec<f64> {
             let mut out = vec![0f64; x.len()];
             for i in 0..n {
                 for h0 in (0..width).step_by(hd) {
                     for p in 0..hd / 2 {
                         let (c, s) = (rope[i * hd + p] as f64, rope[i * hd + hd / 2 + p] as f64);
-                        let (a, bb) = (
-                            x[i * width + h0 + p] as f64,
-                            x[i * width + h0 + p + hd / 2] as f64,
-                        );
+                        let (a, bb) = (x[i * width + h0 + p] as f64, x[i * width + h0 + p + hd / 2] as f64);
                         out[i * width + h0 + p] = a * c - bb * s;
                         out[i * width + h0 + p + hd / 2] = bb * c + a * s;
                     }
@@ -461,43 +271,23 @@ fn attention<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
         let (qr, kr) = (rotate(&q, qd), rotate(&k, kvd));
         let mut want = vec![0f64; n * qd];
         for (i, r) in rows.iter().enumerate() {
-            let same: Vec<usize> = (0..n)
-                .filter(|&j| rows[j].slot == r.slot && rows[j].pos <= r.pos)
-                .collect();
+            let same: Vec<usize> = (0..n).filter(|&j| rows[j].slot == r.slot && rows[j].pos <= r.pos).collect();
             let first = window.map_or(0, |w| (r.pos + 1).saturating_sub(w));
             let seen: Vec<usize> = same.into_iter().filter(|&j| rows[j].pos >= first).collect();
             for h in 0..heads {
                 let ko = (h / (heads / kv_heads)) * hd;
-                let scores: Vec<f64> = seen
-                    .iter()
-                    .map(|&j| {
-                        (0..hd)
-                            .map(|d| qr[i * qd + h * hd + d] * kr[j * kvd + ko + d])
-                            .sum::<f64>()
-                            * shape.scale as f64
-                    })
-                    .collect();
+                let scores: Vec<f64> =
+                    seen.iter().map(|&j| (0..hd).map(|d| qr[i * qd + h * hd + d] * kr[j * kvd + ko + d]).sum::<f64>() * shape.scale as f64).collect();
                 let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
                 for d in 0..hd {
-                    want[i * qd + h * hd + d] = seen
-                        .iter()
-                        .zip(&scores)
-                        .map(|(&j, s)| (s - m).exp() / z * v[j * kvd + ko + d] as f64)
-                        .sum();
+                    want[i * qd + h * hd + d] = seen.iter().zip(&scores).map(|(&j, s)| (s - m).exp() / z * v[j * kvd + ko + d] as f64).sum();
                 }
             }
         }
         let what = format!("attention heads {heads}/{kv_heads} dim {hd} window {window:?}");
         for fused in [false, true] {
-            let mut cache = b
-                .new_cache(CacheShape {
-                    layers: 2,
-                    kv_dim: kvd,
-                    slots: 2,
-                    context,
-                })
-                .unwrap();
+            let mut cache = b.new_cache(CacheShape { layers: 2, kv_dim: kvd, slots: 2, context }).unwrap();
             let step = one_step(b, &rows, &rope, &[]);
             let (mut qa, mut ka, va) = (act(b, &q, n, qd), act(b, &k, n, kvd), act(b, &v, n, kvd));
             if fused {
@@ -506,12 +296,7 @@ fn attention<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
                 b.rope(&step, &mut qa, &mut ka, hd);
                 b.kv_write(&step, &mut cache, 1, &ka, &va);
             }
-            assert_close(
-                &format!("rope q {what}"),
-                &b.read(n, &qa).unwrap(),
-                &qr,
-                1e-5,
-            );
+            assert_close(&format!("rope q {what}"), &b.read(n, &qa).unwrap(), &qr, 1e-5);
             let mut out = b.activation(n, qd).unwrap();
             b.attention(&step, &cache, 1, shape, &qa, &mut out);
             let batched = b.read(n, &out).unwrap();
@@ -525,13 +310,7 @@ fn attention<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
             let mut o1 = b.activation(1, qd).unwrap();
             b.attention(&step1, &cache, 1, shape, &q1, &mut o1);
             let alone = b.read(1, &o1).unwrap();
-            assert!(
-                alone
-                    .iter()
-                    .zip(&batched[i * qd..(i + 1) * qd])
-                    .all(|(p, q)| p.to_bits() == q.to_bits()),
-                "{what}: a row alone differs from the batch"
-            );
+            assert!(alone.iter().zip(&batched[i * qd..(i + 1) * qd]).all(|(p, q)| p.to_bits() == q.to_bits()), "{what}: a row alone differs from the batch");
         }
     }
 }
@@ -546,17 +325,12 @@ fn conformance<B: Backend>(b: &B) {
 
 #[test]
 fn cpu_backend_conforms() {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap()
-        .install(|| conformance(&super::cpu::CpuBackend));
+    rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap().install(|| conformance(&super::cpu::CpuBackend));
 }
 
 #[cfg(feature = "gpu")]
 #[test]
 fn wgpu_backend_conforms() {
-    let b = super::wgpu::WgpuBackend::new(false)
-        .unwrap_or_else(|e| panic!("no GPU adapter for the conformance suite: {e}"));
+    let b = super::wgpu::WgpuBackend::new(false).unwrap_or_else(|e| panic!("no GPU adapter for the conformance suite: {e}"));
     conformance(&b);
 }

@@ -53,26 +53,16 @@ pub struct Engine {
 
 impl Engine {
     pub fn load(model_dir: &Path, opts: EngineOptions) -> Result<Self> {
-        let format = WeightFormat::parse(&opts.weights).ok_or_else(|| {
-            EngineError::InvalidArgument(format!(
-                "weights {:?} is unknown (expected \"f32\", \"f16\", \"bf16\" or \"q8_0\")",
-                opts.weights
-            ))
-        })?;
+        let format = WeightFormat::parse(&opts.weights)
+            .ok_or_else(|| EngineError::InvalidArgument(format!("weights {:?} is unknown (expected \"f32\", \"f16\", \"bf16\" or \"q8_0\")", opts.weights)))?;
         if opts.max_batch == 0 {
-            return Err(EngineError::InvalidArgument(
-                "max_batch must be >= 1".into(),
-            ));
+            return Err(EngineError::InvalidArgument("max_batch must be >= 1".into()));
         }
         if matches!(opts.threads, Some(t) if t == 0 || t > MAX_THREADS) {
-            return Err(EngineError::InvalidArgument(format!(
-                "threads must be between 1 and {MAX_THREADS} (or None for all cores)"
-            )));
+            return Err(EngineError::InvalidArgument(format!("threads must be between 1 and {MAX_THREADS} (or None for all cores)")));
         }
         if opts.max_batch > MAX_BATCH {
-            return Err(EngineError::InvalidArgument(format!(
-                "max_batch must be at most {MAX_BATCH}"
-            )));
+            return Err(EngineError::InvalidArgument(format!("max_batch must be at most {MAX_BATCH}")));
         }
         if !model_dir.is_dir() {
             return Err(EngineError::file(model_dir, "model folder not found"));
@@ -90,52 +80,30 @@ impl Engine {
         };
         let tokenizer = load_tokenizer(&model_dir.join("tokenizer.json"))?;
         let eos_token_ids = load_eos(model_dir, &cfg)?;
-        let threads = opts
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let threads = opts.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("upg-engine-{i}"))
             .build()
-            .map_err(|e| {
-                EngineError::InvalidArgument(format!("cannot start {threads} threads: {e}"))
-            })?;
+            .map_err(|e| EngineError::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
         let model = Model::load(&opts.backend, model_dir, cfg, format, opts.fused)?;
-        Ok(Engine {
-            model,
-            tokenizer,
-            eos_token_ids,
-            max_batch: opts.max_batch,
-            context,
-            threads,
-            stats: Stats::default(),
-            pool,
-            run_lock: Mutex::new(()),
-        })
+        Ok(Engine { model, tokenizer, eos_token_ids, max_batch: opts.max_batch, context, threads, stats: Stats::default(), pool, run_lock: Mutex::new(()) })
     }
 
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| EngineError::InvalidArgument(format!("cannot tokenize text: {e}")))?;
+        let enc = self.tokenizer.encode(text, true).map_err(|e| EngineError::InvalidArgument(format!("cannot tokenize text: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn detokenize(&self, ids: &[u32]) -> Result<String> {
         self.check_ids(ids, "detokenize")?;
-        self.tokenizer
-            .decode(ids, true)
-            .map_err(|e| EngineError::InvalidArgument(format!("cannot detokenize: {e}")))
+        self.tokenizer.decode(ids, true).map_err(|e| EngineError::InvalidArgument(format!("cannot detokenize: {e}")))
     }
 
     fn check_ids(&self, ids: &[u32], what: &str) -> Result<()> {
         let vocab = self.model.cfg().vocab_size;
         match ids.iter().position(|&t| t as usize >= vocab) {
-            Some(i) => Err(EngineError::InvalidArgument(format!(
-                "{what}: token id {} at position {i} is outside the vocabulary of {vocab}",
-                ids[i]
-            ))),
+            Some(i) => Err(EngineError::InvalidArgument(format!("{what}: token id {} at position {i} is outside the vocabulary of {vocab}", ids[i]))),
             None => Ok(()),
         }
     }
@@ -144,16 +112,10 @@ impl Engine {
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
         self.check_ids(ids, "logits")?;
         if ids.is_empty() {
-            return Err(EngineError::InvalidArgument(
-                "logits: token_ids is empty".into(),
-            ));
+            return Err(EngineError::InvalidArgument("logits: token_ids is empty".into()));
         }
         if ids.len() > self.context {
-            return Err(EngineError::InvalidArgument(format!(
-                "logits: {} tokens exceed the context of {} tokens",
-                ids.len(),
-                self.context
-            )));
+            return Err(EngineError::InvalidArgument(format!("logits: {} tokens exceed the context of {} tokens", ids.len(), self.context)));
         }
         let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
         let context = self.context;
@@ -173,17 +135,9 @@ impl Engine {
     }
 
     /// Tokenizes and checks every request, then runs them all with continuous batching.
-    pub fn generate(
-        &self,
-        prompts: Vec<Prompt>,
-        params: Vec<SamplingParams>,
-    ) -> Result<Vec<Output>> {
+    pub fn generate(&self, prompts: Vec<Prompt>, params: Vec<SamplingParams>) -> Result<Vec<Output>> {
         if prompts.len() != params.len() {
-            return Err(EngineError::InvalidArgument(format!(
-                "{} prompts but {} sampling params",
-                prompts.len(),
-                params.len()
-            )));
+            return Err(EngineError::InvalidArgument(format!("{} prompts but {} sampling params", prompts.len(), params.len())));
         }
         let mut ids = Vec::with_capacity(prompts.len());
         for (i, (prompt, p)) in prompts.into_iter().zip(&params).enumerate() {
@@ -194,40 +148,23 @@ impl Engine {
             };
             self.check_ids(&t, &format!("prompt {i}"))?;
             if t.is_empty() {
-                return Err(EngineError::InvalidArgument(format!(
-                    "prompt {i} is empty (no tokens)"
-                )));
+                return Err(EngineError::InvalidArgument(format!("prompt {i} is empty (no tokens)")));
             }
             if t.len() >= self.context {
-                return Err(EngineError::PromptTooLong {
-                    index: i,
-                    tokens: t.len(),
-                    context: self.context,
-                });
+                return Err(EngineError::PromptTooLong { index: i, tokens: t.len(), context: self.context });
             }
             ids.push(t);
         }
         let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.pool.install(
-            || crate::with_decoder!(&self.model, m => scheduler::run(self, m, ids, params)),
-        )
+        self.pool.install(|| crate::with_decoder!(&self.model, m => scheduler::run(self, m, ids, params)))
     }
 
     /// Whether a sequence that just produced `generated` is done, and if so its text and why.
-    pub fn check_finished(
-        &self,
-        generated: &[u32],
-        prompt_len: usize,
-        p: &SamplingParams,
-    ) -> Option<(String, FinishReason)> {
+    pub fn check_finished(&self, generated: &[u32], prompt_len: usize, p: &SamplingParams) -> Option<(String, FinishReason)> {
         let last = *generated.last()?;
         let decode = |ids: &[u32]| self.tokenizer.decode(ids, true).unwrap_or_default();
-        if p.stop_token_ids.contains(&last) || (!p.ignore_eos && self.eos_token_ids.contains(&last))
-        {
-            return Some((
-                decode(&generated[..generated.len() - 1]),
-                FinishReason::Stop,
-            ));
+        if p.stop_token_ids.contains(&last) || (!p.ignore_eos && self.eos_token_ids.contains(&last)) {
+            return Some((decode(&generated[..generated.len() - 1]), FinishReason::Stop));
         }
         if !p.stop.is_empty() {
             if let Some(text) = self.stop_string_cut(generated, &p.stop) {
@@ -277,15 +214,9 @@ impl Engine {
 
 fn load_tokenizer(path: &PathBuf) -> Result<Tokenizer> {
     if !path.is_file() {
-        return Err(EngineError::Tokenizer {
-            path: path.clone(),
-            message: "missing".into(),
-        });
+        return Err(EngineError::Tokenizer { path: path.clone(), message: "missing".into() });
     }
-    Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer {
-        path: path.clone(),
-        message: format!("cannot parse: {e}"),
-    })
+    Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer { path: path.clone(), message: format!("cannot parse: {e}") })
 }
 
 /// EOS ids from generation_config.json (a single id or a list), else from config.json.

@@ -32,41 +32,21 @@ macro_rules! with_decoder {
 }
 
 impl Model {
-    pub fn load(
-        backend: &str,
-        model_dir: &Path,
-        cfg: ModelConfig,
-        format: WeightFormat,
-        fused: bool,
-    ) -> Result<Self> {
+    pub fn load(backend: &str, model_dir: &Path, cfg: ModelConfig, format: WeightFormat, fused: bool) -> Result<Self> {
         match BackendKind::parse(backend)? {
-            BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(
-                CpuBackend, model_dir, cfg, format, fused,
-            )?)),
+            BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
             #[cfg(feature = "gpu")]
             BackendKind::Gpu => {
                 crate::backend::wgpu::check_shapes(cfg.head_dim)?;
-                Ok(Model::Gpu(Decoder::load(
-                    WgpuBackend::new(false)?,
-                    model_dir,
-                    cfg,
-                    format,
-                    fused,
-                )?))
+                Ok(Model::Gpu(Decoder::load(WgpuBackend::new(false)?, model_dir, cfg, format, fused)?))
             }
             #[cfg(feature = "gpu")]
-            BackendKind::Auto => match crate::backend::wgpu::check_shapes(cfg.head_dim)
-                .and_then(|_| WgpuBackend::new(true))
-            {
+            BackendKind::Auto => match crate::backend::wgpu::check_shapes(cfg.head_dim).and_then(|_| WgpuBackend::new(true)) {
                 Ok(b) => Ok(Model::Gpu(Decoder::load(b, model_dir, cfg, format, fused)?)),
-                Err(_) => Ok(Model::Cpu(Decoder::load(
-                    CpuBackend, model_dir, cfg, format, fused,
-                )?)),
+                Err(_) => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
             },
             #[cfg(not(feature = "gpu"))]
-            BackendKind::Auto => Ok(Model::Cpu(Decoder::load(
-                CpuBackend, model_dir, cfg, format, fused,
-            )?)),
+            BackendKind::Auto => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
             #[cfg(not(feature = "gpu"))]
             BackendKind::Gpu => unreachable!("BackendKind::parse refuses gpu without the feature"),
         }
@@ -109,12 +89,7 @@ impl Model {
         match self {
             Model::Cpu(_) => None,
             #[cfg(feature = "gpu")]
-            Model::Gpu(m) => Some((
-                m.backend.adapter_name(),
-                m.backend.api(),
-                m.backend.device_type(),
-                m.backend.dispatches_last_step(),
-            )),
+            Model::Gpu(m) => Some((m.backend.adapter_name(), m.backend.api(), m.backend.device_type(), m.backend.dispatches_last_step())),
         }
     }
 
@@ -125,13 +100,7 @@ impl Model {
             #[cfg(feature = "gpu")]
             Model::Gpu(m) => {
                 let p = m.backend.profile();
-                Some((
-                    p.steps,
-                    p.dispatches,
-                    p.encode_s,
-                    p.wall_s,
-                    p.has_timestamps.then_some(p.gpu_s),
-                ))
+                Some((p.steps, p.dispatches, p.encode_s, p.wall_s, p.has_timestamps.then_some(p.gpu_s)))
             }
         }
     }

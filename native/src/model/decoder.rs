@@ -22,14 +22,7 @@ pub struct WeightLoad {
 }
 
 impl WeightLoad {
-    fn matrix<B: Backend>(
-        &mut self,
-        b: &B,
-        ckpt: &Checkpoint,
-        name: &str,
-        rows: usize,
-        cols: usize,
-    ) -> Result<B::Matrix> {
+    fn matrix<B: Backend>(&mut self, b: &B, ckpt: &Checkpoint, name: &str, rows: usize, cols: usize) -> Result<B::Matrix> {
         let shape = [rows, cols];
         let t = ckpt.tensor(name, &shape)?;
         self.stored_bytes += t.end - t.start;
@@ -51,27 +44,11 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
-    fn load(
-        b: &B,
-        ckpt: &Checkpoint,
-        prefix: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-        w: &mut WeightLoad,
-    ) -> Result<Self> {
+    fn load(b: &B, ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool, w: &mut WeightLoad) -> Result<Self> {
         let weight = w.matrix(b, ckpt, &format!("{prefix}.weight"), out, inp)?;
-        let bias = if bias {
-            Some(b.upload_vector(&ckpt.vector(&format!("{prefix}.bias"), out)?)?)
-        } else {
-            None
-        };
+        let bias = if bias { Some(b.upload_vector(&ckpt.vector(&format!("{prefix}.bias"), out)?)?) } else { None };
         let bias_len = if bias.is_some() { out } else { 0 };
-        Ok(Linear {
-            weight,
-            bias,
-            bias_len,
-        })
+        Ok(Linear { weight, bias, bias_len })
     }
 
     fn forward(&self, b: &B, n: usize, x: &B::Act, out: &mut B::Act) {
@@ -96,61 +73,16 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    fn load(
-        b: &B,
-        ckpt: &Checkpoint,
-        cfg: &ModelConfig,
-        i: usize,
-        w: &mut WeightLoad,
-    ) -> Result<Self> {
+    fn load(b: &B, ckpt: &Checkpoint, cfg: &ModelConfig, i: usize, w: &mut WeightLoad) -> Result<Self> {
         let p = format!("model.layers.{i}");
-        let (h, q, kv, ffn) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-        );
-        let norm = |name: &str| -> Result<B::Vector> {
-            b.upload_vector(&ckpt.vector(&format!("{p}.{name}.weight"), h)?)
-        };
+        let (h, q, kv, ffn) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let norm = |name: &str| -> Result<B::Vector> { b.upload_vector(&ckpt.vector(&format!("{p}.{name}.weight"), h)?) };
         Ok(DecoderLayer {
             input_layernorm: norm("input_layernorm")?,
-            q_proj: Linear::load(
-                b,
-                ckpt,
-                &format!("{p}.self_attn.q_proj"),
-                q,
-                h,
-                cfg.qkv_bias,
-                w,
-            )?,
-            k_proj: Linear::load(
-                b,
-                ckpt,
-                &format!("{p}.self_attn.k_proj"),
-                kv,
-                h,
-                cfg.qkv_bias,
-                w,
-            )?,
-            v_proj: Linear::load(
-                b,
-                ckpt,
-                &format!("{p}.self_attn.v_proj"),
-                kv,
-                h,
-                cfg.qkv_bias,
-                w,
-            )?,
-            o_proj: Linear::load(
-                b,
-                ckpt,
-                &format!("{p}.self_attn.o_proj"),
-                h,
-                q,
-                cfg.o_bias,
-                w,
-            )?,
+            q_proj: Linear::load(b, ckpt, &format!("{p}.self_attn.q_proj"), q, h, cfg.qkv_bias, w)?,
+            k_proj: Linear::load(b, ckpt, &format!("{p}.self_attn.k_proj"), kv, h, cfg.qkv_bias, w)?,
+            v_proj: Linear::load(b, ckpt, &format!("{p}.self_attn.v_proj"), kv, h, cfg.qkv_bias, w)?,
+            o_proj: Linear::load(b, ckpt, &format!("{p}.self_attn.o_proj"), h, q, cfg.o_bias, w)?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
             gate_proj: Linear::load(b, ckpt, &format!("{p}.mlp.gate_proj"), ffn, h, false, w)?,
             up_proj: Linear::load(b, ckpt, &format!("{p}.mlp.up_proj"), ffn, h, false, w)?,
@@ -159,15 +91,7 @@ impl<B: Backend> DecoderLayer<B> {
     }
 
     fn bytes(&self, b: &B, hidden: usize) -> usize {
-        let linears = [
-            &self.q_proj,
-            &self.k_proj,
-            &self.v_proj,
-            &self.o_proj,
-            &self.gate_proj,
-            &self.up_proj,
-            &self.down_proj,
-        ];
+        let linears = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj];
         2 * hidden * 4 + linears.iter().map(|l| l.bytes(b)).sum::<usize>()
     }
 }
@@ -229,47 +153,19 @@ pub struct Decoder<B: Backend> {
 }
 
 impl<B: Backend> Decoder<B> {
-    pub fn load(
-        backend: B,
-        model_dir: &Path,
-        cfg: ModelConfig,
-        format: WeightFormat,
-        fused: bool,
-    ) -> Result<Self> {
+    pub fn load(backend: B, model_dir: &Path, cfg: ModelConfig, format: WeightFormat, fused: bool) -> Result<Self> {
         let b = &backend;
         let ckpt = Checkpoint::open(model_dir)?;
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let name = "model.embed_tokens.weight";
-        let mut w = WeightLoad {
-            format,
-            fallbacks: Vec::new(),
-            stored_bytes: 0,
-        };
+        let mut w = WeightLoad { format, fallbacks: Vec::new(), stored_bytes: 0 };
         let embed_tokens = w.matrix(b, &ckpt, name, vocab, h)?;
         // Tied checkpoints may still carry an lm_head copy; transformers ignores it, so do we.
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(w.matrix(b, &ckpt, "lm_head.weight", vocab, h)?)
-        };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(b, &ckpt, &cfg, i, &mut w))
-            .collect::<Result<_>>()?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(w.matrix(b, &ckpt, "lm_head.weight", vocab, h)?) };
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(b, &ckpt, &cfg, i, &mut w)).collect::<Result<_>>()?;
         let norm = b.upload_vector(&ckpt.vector("model.norm.weight", h)?)?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling);
-        Ok(Decoder {
-            cfg,
-            format,
-            backend,
-            fused,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rope,
-            work: Mutex::new(None),
-            loaded: w,
-        })
+        Ok(Decoder { cfg, format, backend, fused, embed_tokens, layers, norm, lm_head, rope, work: Mutex::new(None), loaded: w })
     }
 
     /// Bytes of weights held (mapped or owned).
@@ -277,10 +173,7 @@ impl<B: Backend> Decoder<B> {
         let b = &self.backend;
         let h = self.cfg.hidden_size;
         let lm = self.lm_head.as_ref().map_or(0, |m| b.matrix_bytes(m));
-        b.matrix_bytes(&self.embed_tokens)
-            + lm
-            + h * 4
-            + self.layers.iter().map(|l| l.bytes(b, h)).sum::<usize>()
+        b.matrix_bytes(&self.embed_tokens) + lm + h * 4 + self.layers.iter().map(|l| l.bytes(b, h)).sum::<usize>()
     }
 
     pub fn parameter_count(&self) -> usize {
@@ -288,23 +181,14 @@ impl<B: Backend> Decoder<B> {
         let (h, q, kv, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let bias = if c.qkv_bias { q + 2 * kv } else { 0 } + if c.o_bias { h } else { 0 };
         let per_layer = 2 * h + h * q + 2 * h * kv + q * h + 3 * h * ffn + bias;
-        let lm = if c.tie_word_embeddings {
-            0
-        } else {
-            c.vocab_size * h
-        };
+        let lm = if c.tie_word_embeddings { 0 } else { c.vocab_size * h };
         c.vocab_size * h + lm + h + c.num_hidden_layers * per_layer
     }
 
     /// A KV cache for `slots` sequences of up to `context` positions.
     pub fn new_cache(&self, slots: usize, context: usize) -> Result<B::Cache> {
         let c = &self.cfg;
-        self.backend.new_cache(CacheShape {
-            layers: c.num_hidden_layers,
-            kv_dim: c.kv_dim(),
-            slots,
-            context,
-        })
+        self.backend.new_cache(CacheShape { layers: c.num_hidden_layers, kv_dim: c.kv_dim(), slots, context })
     }
 
     /// Runs `rows` (tokens of one or more sequences) through the model, appending their keys
@@ -312,19 +196,11 @@ impl<B: Backend> Decoder<B> {
     /// of the rows listed in `logit_rows`. Token ids must be < vocab (checked by the caller).
     /// Rows of one sequence must come in position order, and every earlier position must
     /// already be in its cache or among the rows.
-    pub fn forward(
-        &self,
-        rows: &[StepRow],
-        cache: &mut B::Cache,
-        logit_rows: &[usize],
-    ) -> Result<Vec<f32>> {
+    pub fn forward(&self, rows: &[StepRow], cache: &mut B::Cache, logit_rows: &[usize]) -> Result<Vec<f32>> {
         let (b, c) = (&self.backend, &self.cfg);
         let (n, m) = (rows.len(), logit_rows.len());
         let mut guard = self.work.lock().unwrap_or_else(|e| e.into_inner());
-        if guard
-            .as_ref()
-            .is_none_or(|w| w.rows < n || w.logit_rows < m)
-        {
+        if guard.as_ref().is_none_or(|w| w.rows < n || w.logit_rows < m) {
             // Grow to the larger of what is needed and what was held: shapes settle quickly.
             let (old_n, old_m) = guard.as_ref().map_or((0, 0), |w| (w.rows, w.logit_rows));
             *guard = None;
@@ -335,11 +211,7 @@ impl<B: Backend> Decoder<B> {
         for r in rows {
             self.rope.push_row(r.pos, &mut rope);
         }
-        let step = b.begin_step(&StepInput {
-            rows,
-            rope: &rope,
-            logit_rows,
-        })?;
+        let step = b.begin_step(&StepInput { rows, rope: &rope, logit_rows })?;
         b.embed(&step, &self.embed_tokens, &mut a.x);
         for (l, layer) in self.layers.iter().enumerate() {
             self.attention_block(&step, l, layer, n, cache, a);
@@ -352,15 +224,7 @@ impl<B: Backend> Decoder<B> {
     }
 
     /// x += o_proj(attention(rope(q), rope(k), v)) for one layer, writing k and v to the cache.
-    fn attention_block(
-        &self,
-        step: &B::Step,
-        l: usize,
-        layer: &DecoderLayer<B>,
-        n: usize,
-        cache: &mut B::Cache,
-        a: &mut Workspace<B>,
-    ) {
+    fn attention_block(&self, step: &B::Step, l: usize, layer: &DecoderLayer<B>, n: usize, cache: &mut B::Cache, a: &mut Workspace<B>) {
         let (b, c) = (&self.backend, &self.cfg);
         let eps = c.rms_norm_eps;
         let hd = c.head_dim;
@@ -376,28 +240,10 @@ impl<B: Backend> Decoder<B> {
             let (q, k, v) = (&layer.q_proj, &layer.k_proj, &layer.v_proj);
             let w = [&q.weight, &k.weight, &v.weight];
             let bias = [q.bias.as_ref(), k.bias.as_ref(), v.bias.as_ref()];
-            b.norm_qkv(
-                n,
-                &a.x,
-                norm,
-                eps,
-                w,
-                bias,
-                &mut a.normed,
-                &mut a.q,
-                &mut a.k,
-                &mut a.v,
-            );
+            b.norm_qkv(n, &a.x, norm, eps, w, bias, &mut a.normed, &mut a.q, &mut a.k, &mut a.v);
             b.rope_kv_write(step, cache, l, &mut a.q, &mut a.k, &a.v, hd);
             b.attention(step, cache, l, shape, &a.q, &mut a.attn);
-            b.matmul_add(
-                n,
-                &layer.o_proj.weight,
-                layer.o_proj.bias.as_ref(),
-                &a.attn,
-                &mut a.proj,
-                &mut a.x,
-            );
+            b.matmul_add(n, &layer.o_proj.weight, layer.o_proj.bias.as_ref(), &a.attn, &mut a.proj, &mut a.x);
             return;
         }
         b.rmsnorm(n, &a.x, &layer.input_layernorm, eps, &mut a.normed);
@@ -416,25 +262,8 @@ impl<B: Backend> Decoder<B> {
         let (b, eps) = (&self.backend, self.cfg.rms_norm_eps);
         let norm = &layer.post_attention_layernorm;
         if self.fused {
-            b.norm_gate_up(
-                n,
-                &a.x,
-                norm,
-                eps,
-                &layer.gate_proj.weight,
-                &layer.up_proj.weight,
-                &mut a.normed,
-                &mut a.gate,
-                &mut a.up,
-            );
-            b.matmul_add(
-                n,
-                &layer.down_proj.weight,
-                None,
-                &a.gate,
-                &mut a.proj,
-                &mut a.x,
-            );
+            b.norm_gate_up(n, &a.x, norm, eps, &layer.gate_proj.weight, &layer.up_proj.weight, &mut a.normed, &mut a.gate, &mut a.up);
+            b.matmul_add(n, &layer.down_proj.weight, None, &a.gate, &mut a.proj, &mut a.x);
             return;
         }
         b.rmsnorm(n, &a.x, norm, eps, &mut a.normed);

@@ -64,26 +64,11 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 /// out (batch, rows) = x (batch, cols) @ W^T with W (rows, cols). Uses the current rayon pool.
-pub fn matmul(
-    w: WeightView<'_>,
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    batch: usize,
-    out: &mut [f32],
-) {
+pub fn matmul(w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, out: &mut [f32]) {
     matmul_using(simd(), w, rows, cols, x, batch, out)
 }
 
-fn matmul_using(
-    kernels: Simd,
-    w: WeightView<'_>,
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    batch: usize,
-    out: &mut [f32],
-) {
+fn matmul_using(kernels: Simd, w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, out: &mut [f32]) {
     assert_eq!(x.len(), batch * cols, "x must be (batch, cols)");
     assert_eq!(out.len(), batch * rows, "out must be (batch, rows)");
     assert_eq!(w.len(), rows * cols, "W must be (rows, cols)");
@@ -98,10 +83,7 @@ fn matmul_using(
         return;
     }
     // Several chunks per thread so uneven cores even out; chunks are whole tiles.
-    let chunk = rows
-        .div_ceil(threads * 4)
-        .next_multiple_of(12)
-        .clamp(12, PANEL_ROWS);
+    let chunk = rows.div_ceil(threads * 4).next_multiple_of(12).clamp(12, PANEL_ROWS);
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let start = c * chunk;
         let end = (start + chunk).min(rows);
@@ -111,29 +93,11 @@ fn matmul_using(
 }
 
 /// Output rows `start..end` for every batch row, tile by tile.
-unsafe fn row_range(
-    kernels: Simd,
-    w: WeightView<'_>,
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    batch: usize,
-    start: usize,
-    end: usize,
-    out: OutPtr,
-) {
+unsafe fn row_range(kernels: Simd, w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, start: usize, end: usize, out: OutPtr) {
     type Tile = unsafe fn(WeightView<'_>, usize, usize, *const f32, usize, usize, *mut f32, usize);
     let (tile, tile_rows, tile_batch): (Tile, usize, usize) = match kernels {
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => (
-            avx2::tile,
-            if batch == 1 {
-                TILE_ROWS_SINGLE
-            } else {
-                TILE_ROWS
-            },
-            TILE_BATCH,
-        ),
+        Simd::Avx2 => (avx2::tile, if batch == 1 { TILE_ROWS_SINGLE } else { TILE_ROWS }, TILE_BATCH),
         Simd::Portable => (portable::tile, PORTABLE_TILE_ROWS, PORTABLE_TILE_BATCH),
     };
     let mut r = start;
@@ -142,16 +106,7 @@ unsafe fn row_range(
         let mut b = 0;
         while b < batch {
             let nb = (batch - b).min(tile_batch);
-            tile(
-                w,
-                r,
-                cols,
-                x.as_ptr().add(b * cols),
-                nr,
-                nb,
-                out.0.add(b * rows + r),
-                rows,
-            );
+            tile(w, r, cols, x.as_ptr().add(b * cols), nr, nb, out.0.add(b * rows + r), rows);
             b += nb;
         }
         r += nr;
@@ -170,9 +125,7 @@ enum Simd {
 fn simd() -> Simd {
     static CHOICE: OnceLock<Simd> = OnceLock::new();
     *CHOICE.get_or_init(|| {
-        let forced = std::env::var("UPG_BATCH_SIMD")
-            .map(|v| v == "portable")
-            .unwrap_or(false);
+        let forced = std::env::var("UPG_BATCH_SIMD").map(|v| v == "portable").unwrap_or(false);
         #[cfg(target_arch = "x86_64")]
         if !forced && avx2::available() {
             return Simd::Avx2;
@@ -183,13 +136,7 @@ fn simd() -> Simd {
 }
 
 /// Plain reference: out (batch, rows) in f64 accumulation, for tests and checks.
-pub fn matmul_reference(
-    w: WeightView<'_>,
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    batch: usize,
-) -> Vec<f32> {
+pub fn matmul_reference(w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize) -> Vec<f32> {
     let mut out = vec![0f32; batch * rows];
     for b in 0..batch {
         for r in 0..rows {
@@ -220,48 +167,27 @@ mod tests {
         let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
         let wb16: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
         let x = random(batch * cols, &mut rng);
-        for w in [
-            WeightView::F32(&w32),
-            WeightView::F16(&w16),
-            WeightView::Bf16(&wb16),
-        ] {
+        for w in [WeightView::F32(&w32), WeightView::F16(&w16), WeightView::Bf16(&wb16)] {
             let mut out = vec![0f32; batch * rows];
             matmul(w, rows, cols, &x, batch, &mut out);
             let reference = matmul_reference(w, rows, cols, &x, batch);
             for (i, (a, b)) in out.iter().zip(&reference).enumerate() {
                 let tol = 1e-5 * (cols as f32).sqrt() * 4.0;
-                assert!(
-                    (a - b).abs() <= tol,
-                    "({rows}x{cols}, batch {batch}) element {i}: {a} vs reference {b}"
-                );
+                assert!((a - b).abs() <= tol, "({rows}x{cols}, batch {batch}) element {i}: {a} vs reference {b}");
             }
         }
     }
 
     #[test]
     fn matches_reference_on_random_inputs_with_ragged_shapes() {
-        for (i, &(rows, cols, batch)) in [
-            (1, 1, 1),
-            (5, 7, 2),
-            (4, 8, 3),
-            (13, 67, 5),
-            (64, 64, 1),
-            (130, 259, 7),
-            (256, 512, 33),
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (i, &(rows, cols, batch)) in [(1, 1, 1), (5, 7, 2), (4, 8, 3), (13, 67, 5), (64, 64, 1), (130, 259, 7), (256, 512, 33)].iter().enumerate() {
             check_against_reference(rows, cols, batch, 100 + i as u64);
         }
     }
 
     #[test]
     fn multithreaded_matches_reference() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         pool.install(|| check_against_reference(301, 517, 9, 7));
     }
 
@@ -269,35 +195,16 @@ mod tests {
     fn each_row_is_bit_identical_alone_or_in_any_batch() {
         let (rows, cols) = (71, 203);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let w: Vec<f16> = random(rows * cols, &mut rng)
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
+        let w: Vec<f16> = random(rows * cols, &mut rng).into_iter().map(f16::from_f32).collect();
         let x = random(11 * cols, &mut rng);
         let mut batched = vec![0f32; 11 * rows];
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         pool.install(|| matmul(WeightView::F16(&w), rows, cols, &x, 11, &mut batched));
         for b in 0..11 {
             let mut alone = vec![0f32; rows];
-            matmul(
-                WeightView::F16(&w),
-                rows,
-                cols,
-                &x[b * cols..(b + 1) * cols],
-                1,
-                &mut alone,
-            );
-            let same = alone
-                .iter()
-                .zip(&batched[b * rows..(b + 1) * rows])
-                .all(|(a, c)| a.to_bits() == c.to_bits());
-            assert!(
-                same,
-                "batch row {b} differs from the same row computed alone"
-            );
+            matmul(WeightView::F16(&w), rows, cols, &x[b * cols..(b + 1) * cols], 1, &mut alone);
+            let same = alone.iter().zip(&batched[b * rows..(b + 1) * rows]).all(|(a, c)| a.to_bits() == c.to_bits());
+            assert!(same, "batch row {b} differs from the same row computed alone");
         }
     }
 
@@ -309,15 +216,8 @@ mod tests {
         let w16: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
         let wb16: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
         let x = random(7 * cols, &mut rng);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
-        for w in [
-            WeightView::F32(&w32),
-            WeightView::F16(&w16),
-            WeightView::Bf16(&wb16),
-        ] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for w in [WeightView::F32(&w32), WeightView::F16(&w16), WeightView::Bf16(&wb16)] {
             let mut batched = vec![0f32; 7 * rows];
             pool.install(|| matmul_using(Simd::Portable, w, rows, cols, &x, 7, &mut batched));
             let reference = matmul_reference(w, rows, cols, &x, 7);
@@ -326,22 +226,8 @@ mod tests {
             }
             for b in 0..7 {
                 let mut alone = vec![0f32; rows];
-                matmul_using(
-                    Simd::Portable,
-                    w,
-                    rows,
-                    cols,
-                    &x[b * cols..(b + 1) * cols],
-                    1,
-                    &mut alone,
-                );
-                assert!(
-                    alone
-                        .iter()
-                        .zip(&batched[b * rows..(b + 1) * rows])
-                        .all(|(p, q)| p.to_bits() == q.to_bits()),
-                    "row {b}"
-                );
+                matmul_using(Simd::Portable, w, rows, cols, &x[b * cols..(b + 1) * cols], 1, &mut alone);
+                assert!(alone.iter().zip(&batched[b * rows..(b + 1) * rows]).all(|(p, q)| p.to_bits() == q.to_bits()), "row {b}");
             }
         }
     }

@@ -28,9 +28,7 @@ impl WeightView<'_> {
             WeightView::F32(d) => d[i],
             WeightView::F16(d) => d[i].to_f32(),
             WeightView::Bf16(d) => d[i].to_f32(),
-            WeightView::Q8_0(d) => {
-                q8_0_weight(&d[i / Q8_0_BLOCK * Q8_0_BLOCK_BYTES..], i % Q8_0_BLOCK)
-            }
+            WeightView::Q8_0(d) => q8_0_weight(&d[i / Q8_0_BLOCK * Q8_0_BLOCK_BYTES..], i % Q8_0_BLOCK),
         }
     }
 
@@ -67,11 +65,7 @@ impl WeightView<'_> {
 }
 
 enum Storage {
-    Mapped {
-        map: Arc<Mmap>,
-        offset: usize,
-        len: usize,
-    },
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
@@ -88,22 +82,11 @@ pub struct Matrix {
 
 impl Matrix {
     /// A view into a mapped file; the caller has checked bounds, size and alignment.
-    pub fn mapped(
-        rows: usize,
-        cols: usize,
-        format: WeightFormat,
-        map: Arc<Mmap>,
-        offset: usize,
-    ) -> Self {
+    pub fn mapped(rows: usize, cols: usize, format: WeightFormat, map: Arc<Mmap>, offset: usize) -> Self {
         let len = rows * format.row_bytes(cols);
         debug_assert!(format.is_plain() && offset + len <= map.len());
         debug_assert_eq!((map.as_ptr() as usize + offset) % format.block().1, 0);
-        Matrix {
-            rows,
-            cols,
-            format,
-            storage: Storage::Mapped { map, offset, len },
-        }
+        Matrix { rows, cols, format, storage: Storage::Mapped { map, offset, len } }
     }
 
     /// An owned matrix in `format`, converted from f32 values.
@@ -112,17 +95,10 @@ impl Matrix {
         let storage = match format {
             WeightFormat::F32 => Storage::F32(values),
             WeightFormat::F16 => Storage::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
-            WeightFormat::Bf16 => {
-                Storage::Bf16(values.iter().map(|&x| bf16::from_f32(x)).collect())
-            }
+            WeightFormat::Bf16 => Storage::Bf16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
             WeightFormat::Q8_0 => Storage::Q8_0(quantize_q8_0(&values)),
         };
-        Matrix {
-            rows,
-            cols,
-            format,
-            storage,
-        }
+        Matrix { rows, cols, format, storage }
     }
 
     pub fn view(&self) -> WeightView<'_> {

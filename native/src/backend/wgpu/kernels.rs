@@ -67,52 +67,24 @@ pub enum KernelId {
 impl KernelId {
     /// Every variant, for shader validation.
     pub fn all() -> Vec<KernelId> {
-        let formats = [
-            WeightFormat::F32,
-            WeightFormat::F16,
-            WeightFormat::Bf16,
-            WeightFormat::Q8_0,
-        ];
+        let formats = [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16, WeightFormat::Q8_0];
         let mut all: Vec<KernelId> = formats
             .iter()
             .flat_map(|&f| {
                 [(false, false), (true, false), (false, true)]
                     .into_iter()
-                    .flat_map(move |(gated, qkv)| {
-                        MATMUL_TILES.map(|tile| KernelId::Matmul {
-                            format: f,
-                            gated,
-                            tile,
-                            qkv,
-                        })
-                    })
+                    .flat_map(move |(gated, qkv)| MATMUL_TILES.map(|tile| KernelId::Matmul { format: f, gated, tile, qkv }))
             })
             .collect();
         all.extend(formats.iter().map(|&f| KernelId::Embed(f)));
-        all.extend([
-            KernelId::RmsNorm,
-            KernelId::RopeKv,
-            KernelId::Attention,
-            KernelId::Elementwise,
-            KernelId::Bandwidth,
-        ]);
+        all.extend([KernelId::RmsNorm, KernelId::RopeKv, KernelId::Attention, KernelId::Elementwise, KernelId::Bandwidth]);
         all
     }
 
     pub fn name(self) -> String {
         match self {
-            KernelId::Matmul {
-                format,
-                gated,
-                tile: (r, tb),
-                qkv,
-            } => {
-                format!(
-                    "matmul_{}{}{}_{r}x{tb}",
-                    format.name(),
-                    if gated { "_gated" } else { "" },
-                    if qkv { "_qkv" } else { "" }
-                )
+            KernelId::Matmul { format, gated, tile: (r, tb), qkv } => {
+                format!("matmul_{}{}{}_{r}x{tb}", format.name(), if gated { "_gated" } else { "" }, if qkv { "_qkv" } else { "" })
             }
             KernelId::Embed(f) => format!("embed_{}", f.name()),
             KernelId::RmsNorm => "rmsnorm".into(),
@@ -126,23 +98,14 @@ impl KernelId {
     /// The assembled WGSL source.
     pub fn source(self) -> String {
         match self {
-            KernelId::Matmul {
-                format,
-                gated,
-                tile: (r, tb),
-                qkv,
-            } => {
+            KernelId::Matmul { format, gated, tile: (r, tb), qkv } => {
                 let ss0 = if gated { 2 * r * tb } else { r * tb };
                 let body = MATMUL
                     .replace("$GATED", if gated { "true" } else { "false" })
                     .replace("$R", &r.to_string())
                     .replace("$TB", &tb.to_string())
                     .replace("$SS0", &ss0.to_string());
-                let mut source = format!(
-                    "{}\n{}\n",
-                    weight_snippet(format, "W", 1),
-                    weight_snippet(format, "U", 6)
-                );
+                let mut source = format!("{}\n{}\n", weight_snippet(format, "W", 1), weight_snippet(format, "U", 6));
                 if qkv {
                     source += &weight_snippet(format, "V", 7);
                     source += MATMUL_SEGMENTS_3;
@@ -165,21 +128,14 @@ impl KernelId {
         use Slot::*;
         match self {
             // params, W, X, Y, bias, norm weight, U (+ V, Y1, Y2, bias1, bias2)
-            KernelId::Matmul { qkv: false, .. } => {
-                &[Params, Read, Read, ReadWrite, Read, Read, Read]
-            }
-            KernelId::Matmul { qkv: true, .. } => &[
-                Params, Read, Read, ReadWrite, Read, Read, Read, Read, ReadWrite, ReadWrite, Read,
-                Read,
-            ],
+            KernelId::Matmul { qkv: false, .. } => &[Params, Read, Read, ReadWrite, Read, Read, Read],
+            KernelId::Matmul { qkv: true, .. } => &[Params, Read, Read, ReadWrite, Read, Read, Read, Read, ReadWrite, ReadWrite, Read, Read],
             // params, table, Y, rows
             KernelId::Embed(_) => &[Params, Read, ReadWrite, Read],
             // params, X, Y, G, gather index
             KernelId::RmsNorm => &[Params, Read, ReadWrite, Read, Read],
             // params, Q, K, V, table, rows, K cache, V cache
-            KernelId::RopeKv => &[
-                Params, ReadWrite, ReadWrite, Read, Read, Read, ReadWrite, ReadWrite,
-            ],
+            KernelId::RopeKv => &[Params, ReadWrite, ReadWrite, Read, Read, Read, ReadWrite, ReadWrite],
             // params, Q, K cache, V cache, out, rows
             KernelId::Attention => &[Params, Read, Read, Read, ReadWrite, Read],
             // params, A, B
@@ -198,9 +154,7 @@ fn weight_snippet(format: WeightFormat, name: &str, binding: u32) -> String {
         WeightFormat::Bf16 => WEIGHTS_BF16,
         WeightFormat::Q8_0 => WEIGHTS_Q8_0,
     };
-    template
-        .replace("$W", name)
-        .replace("$B", &binding.to_string())
+    template.replace("$W", name).replace("$B", &binding.to_string())
 }
 
 /// Size of one parameter block (a uniform at a dynamic offset): the largest offset alignment
@@ -224,19 +178,13 @@ impl Kernels {
     pub fn get(&self, device: &::wgpu::Device, id: KernelId) -> Arc<Kernel> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let index = cache.len() as u64;
-        cache
-            .entry(id)
-            .or_insert_with(|| Arc::new(build(device, id, index)))
-            .clone()
+        cache.entry(id).or_insert_with(|| Arc::new(build(device, id, index))).clone()
     }
 }
 
 fn build(device: &::wgpu::Device, id: KernelId, index: u64) -> Kernel {
     let name = id.name();
-    let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor {
-        label: Some(&name),
-        source: ::wgpu::ShaderSource::Wgsl(id.source().into()),
-    });
+    let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor { label: Some(&name), source: ::wgpu::ShaderSource::Wgsl(id.source().into()) });
     let entries: Vec<::wgpu::BindGroupLayoutEntry> = id
         .slots()
         .iter()
@@ -251,9 +199,7 @@ fn build(device: &::wgpu::Device, id: KernelId, index: u64) -> Kernel {
                     min_binding_size: std::num::NonZeroU64::new(PARAMS_SLOT),
                 },
                 Slot::Read | Slot::ReadWrite => ::wgpu::BindingType::Buffer {
-                    ty: ::wgpu::BufferBindingType::Storage {
-                        read_only: *slot == Slot::Read,
-                    },
+                    ty: ::wgpu::BufferBindingType::Storage { read_only: *slot == Slot::Read },
                     has_dynamic_offset: false,
                     min_binding_size: None,
                 },
@@ -261,15 +207,9 @@ fn build(device: &::wgpu::Device, id: KernelId, index: u64) -> Kernel {
             count: None,
         })
         .collect();
-    let layout = device.create_bind_group_layout(&::wgpu::BindGroupLayoutDescriptor {
-        label: Some(&name),
-        entries: &entries,
-    });
-    let pipeline_layout = device.create_pipeline_layout(&::wgpu::PipelineLayoutDescriptor {
-        label: Some(&name),
-        bind_group_layouts: &[&layout],
-        push_constant_ranges: &[],
-    });
+    let layout = device.create_bind_group_layout(&::wgpu::BindGroupLayoutDescriptor { label: Some(&name), entries: &entries });
+    let pipeline_layout =
+        device.create_pipeline_layout(&::wgpu::PipelineLayoutDescriptor { label: Some(&name), bind_group_layouts: &[&layout], push_constant_ranges: &[] });
     let pipeline = device.create_compute_pipeline(&::wgpu::ComputePipelineDescriptor {
         label: Some(&name),
         layout: Some(&pipeline_layout),
@@ -278,12 +218,7 @@ fn build(device: &::wgpu::Device, id: KernelId, index: u64) -> Kernel {
         compilation_options: Default::default(),
         cache: None,
     });
-    Kernel {
-        id,
-        index,
-        pipeline,
-        layout,
-    }
+    Kernel { id, index, pipeline, layout }
 }
 
 #[cfg(test)]
@@ -297,42 +232,19 @@ mod tests {
     fn every_shader_translates_to_msl_and_spirv() {
         for id in KernelId::all() {
             let name = id.name();
-            let module = naga::front::wgsl::parse_str(&id.source())
-                .unwrap_or_else(|e| panic!("{name}: WGSL: {}", e.emit_to_string(&id.source())));
+            let module = naga::front::wgsl::parse_str(&id.source()).unwrap_or_else(|e| panic!("{name}: WGSL: {}", e.emit_to_string(&id.source())));
             // unpack2x16float (f16 weights) needs SHADER_FLOAT16_IN_FLOAT32, which wgpu grants
             // on Vulkan and Metal (downlevel flag SHADER_F16_IN_F32); the backend checks it.
-            let caps = naga::valid::Capabilities::default()
-                | naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+            let caps = naga::valid::Capabilities::default() | naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
             let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
                 .validate(&module)
                 .unwrap_or_else(|e| panic!("{name}: validation: {e:?}"));
-            let options = naga::back::msl::Options {
-                lang_version: (2, 4),
-                ..Default::default()
-            };
-            let (msl, _) = naga::back::msl::write_string(
-                &module,
-                &info,
-                &options,
-                &naga::back::msl::PipelineOptions::default(),
-            )
-            .unwrap_or_else(|e| panic!("{name}: MSL: {e}"));
-            assert!(
-                msl.contains("kernel void"),
-                "{name}: no compute entry point in the MSL"
-            );
-            let spv = naga::back::spv::write_vec(
-                &module,
-                &info,
-                &naga::back::spv::Options::default(),
-                None,
-            )
-            .unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
-            assert_eq!(
-                spv.first(),
-                Some(&0x0723_0203),
-                "{name}: not a SPIR-V module"
-            );
+            let options = naga::back::msl::Options { lang_version: (2, 4), ..Default::default() };
+            let (msl, _) = naga::back::msl::write_string(&module, &info, &options, &naga::back::msl::PipelineOptions::default())
+                .unwrap_or_else(|e| panic!("{name}: MSL: {e}"));
+            assert!(msl.contains("kernel void"), "{name}: no compute entry point in the MSL");
+            let spv = naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None).unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
+            assert_eq!(spv.first(), Some(&0x0723_0203), "{name}: not a SPIR-V module");
         }
     }
 }

@@ -92,18 +92,13 @@ impl WgpuBackend {
         if hardware_only && gpu.is_software() {
             return Err(gpu_error(format!("{} is a software adapter", gpu.name())));
         }
-        let max_binding =
-            (gpu.limits.max_storage_buffer_binding_size as u64).min(gpu.limits.max_buffer_size);
-        let max_weight_buffer = match std::env::var(MAX_WEIGHT_BUFFER_ENV)
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
+        let max_binding = (gpu.limits.max_storage_buffer_binding_size as u64).min(gpu.limits.max_buffer_size);
+        let max_weight_buffer = match std::env::var(MAX_WEIGHT_BUFFER_ENV).ok().and_then(|v| v.parse::<u64>().ok()) {
             Some(v) => max_binding.min(v.max(16)),
             None => max_binding,
         };
         let rec = Mutex::new(Recorder::new(&gpu, MAX_DISPATCHES));
-        let dummy =
-            [0, 1, 2].map(|i| GBuf::new(&gpu, &format!("unused binding {i}"), 16, storage_usage()));
+        let dummy = [0, 1, 2].map(|i| GBuf::new(&gpu, &format!("unused binding {i}"), 16, storage_usage()));
         Ok(WgpuBackend {
             gpu,
             kernels: Kernels::default(),
@@ -165,21 +160,11 @@ impl WgpuBackend {
             }
             self.rec().submit_and_read(&self.gpu, &out, 4)?;
             let after = self.profile();
-            Ok((
-                t.elapsed().as_secs_f64(),
-                Profile {
-                    gpu_s: after.gpu_s - before.gpu_s,
-                    ..after
-                },
-            ))
+            Ok((t.elapsed().as_secs_f64(), Profile { gpu_s: after.gpu_s - before.gpu_s, ..after }))
         };
         run(1)?; // warm up: compile, first touch
         let (wall, p) = run(repeats.max(1))?;
-        let seconds = if p.has_timestamps && p.gpu_s > 0.0 {
-            p.gpu_s
-        } else {
-            wall
-        };
+        let seconds = if p.has_timestamps && p.gpu_s > 0.0 { p.gpu_s } else { wall };
         Ok(size as f64 * repeats.max(1) as f64 / seconds)
     }
 
@@ -194,8 +179,7 @@ impl WgpuBackend {
 
     fn dispatch(&self, id: KernelId, params: &[u8], buffers: &[&GBuf], groups: (u32, u32, u32)) {
         let kernel = self.kernels.get(&self.gpu.device, id);
-        self.rec()
-            .dispatch(&self.gpu, &kernel, params, buffers, groups);
+        self.rec().dispatch(&self.gpu, &kernel, params, buffers, groups);
     }
 
     /// A storage buffer of `bytes`, or an error naming what does not fit one binding.
@@ -212,12 +196,7 @@ impl WgpuBackend {
     }
 
     /// Writes `bytes` into the step buffer in `slot`, growing it when too small.
-    fn step_upload(
-        &self,
-        slot: &mut Option<Arc<GBuf>>,
-        what: &str,
-        bytes: &[u8],
-    ) -> Result<Arc<GBuf>> {
+    fn step_upload(&self, slot: &mut Option<Arc<GBuf>>, what: &str, bytes: &[u8]) -> Result<Arc<GBuf>> {
         if slot.as_ref().is_none_or(|b| b.size < bytes.len() as u64) {
             *slot = Some(self.buffer(what, (bytes.len() as u64).next_power_of_two())?);
         }
@@ -230,17 +209,7 @@ impl WgpuBackend {
 
     /// y (n, ld)[..] (+)= norm?(x) @ W^T (+ bias), or silu(x W^T) * (x U^T) with `up`.
     #[allow(clippy::too_many_arguments)]
-    fn matmul_op(
-        &self,
-        n: usize,
-        w: &GMatrix,
-        up: Option<&GMatrix>,
-        bias: Option<&GBuf>,
-        norm: Option<(&GBuf, f64)>,
-        accumulate: bool,
-        x: &GAct,
-        y: &GAct,
-    ) {
+    fn matmul_op(&self, n: usize, w: &GMatrix, up: Option<&GMatrix>, bias: Option<&GBuf>, norm: Option<(&GBuf, f64)>, accumulate: bool, x: &GAct, y: &GAct) {
         if n == 0 {
             return;
         }
@@ -249,38 +218,13 @@ impl WgpuBackend {
         let eps = norm.map_or(0.0, |(_, e)| e as f32);
         let tile = matmul_tile(n);
         let tiles = (n as u32).div_ceil(tile.1);
-        let id = KernelId::Matmul {
-            format: w.format,
-            gated: up.is_some(),
-            tile,
-            qkv: false,
-        };
+        let id = KernelId::Matmul { format: w.format, gated: up.is_some(), tile, qkv: false };
         for (c, (buf, first, rows)) in w.chunks.iter().enumerate() {
             let blocks = rows.div_ceil(tile.0);
             let (gx, gy) = grid(blocks * tiles);
-            let params = u32s(&[
-                n as u32,
-                *rows,
-                w.cols as u32,
-                flags,
-                *first,
-                y.width as u32,
-                gx,
-                eps.to_bits(),
-                tiles,
-                blocks,
-                0,
-                0,
-            ]);
+            let params = u32s(&[n as u32, *rows, w.cols as u32, flags, *first, y.width as u32, gx, eps.to_bits(), tiles, blocks, 0, 0]);
             let u = up.map_or(buf.as_ref(), |u| u.chunks[c].0.as_ref());
-            let buffers = [
-                buf.as_ref(),
-                x.buf.as_ref(),
-                y.buf.as_ref(),
-                bias.unwrap_or(&self.dummy[0]),
-                norm.map_or(self.dummy[0].as_ref(), |(g, _)| g),
-                u,
-            ];
+            let buffers = [buf.as_ref(), x.buf.as_ref(), y.buf.as_ref(), bias.unwrap_or(&self.dummy[0]), norm.map_or(self.dummy[0].as_ref(), |(g, _)| g), u];
             self.dispatch(id, &params, &buffers, (gx, gy, 1));
         }
     }
@@ -288,34 +232,15 @@ impl WgpuBackend {
     /// q, k, v = rmsnorm(x) @ {Wq, Wk, Wv}^T (+ biases) in one dispatch, where the three fit
     /// (one chunk each, k and v of one shape, one format, the adapter's bindings); otherwise
     /// one dispatch each. Either way each element is summed in the same order.
-    fn norm_qkv_op(
-        &self,
-        n: usize,
-        x: &GAct,
-        norm: (&GBuf, f64),
-        w: [&GMatrix; 3],
-        bias: [Option<&Arc<GBuf>>; 3],
-        out: [&GAct; 3],
-    ) {
-        let one = w
-            .iter()
-            .all(|m| m.chunks.len() == 1 && m.format == w[0].format && m.cols == w[0].cols)
+    fn norm_qkv_op(&self, n: usize, x: &GAct, norm: (&GBuf, f64), w: [&GMatrix; 3], bias: [Option<&Arc<GBuf>>; 3], out: [&GAct; 3]) {
+        let one = w.iter().all(|m| m.chunks.len() == 1 && m.format == w[0].format && m.cols == w[0].cols)
             && w[1].rows == w[2].rows
             && out[1].width == out[2].width
             && bias.iter().all(|b| b.is_some() == bias[0].is_some())
             && self.gpu.limits.max_storage_buffers_per_shader_stage >= 11;
         if !one {
             for i in 0..3 {
-                self.matmul_op(
-                    n,
-                    w[i],
-                    None,
-                    bias[i].map(|b| b.as_ref()),
-                    Some(norm),
-                    false,
-                    x,
-                    out[i],
-                );
+                self.matmul_op(n, w[i], None, bias[i].map(|b| b.as_ref()), Some(norm), false, x, out[i]);
             }
             return;
         }
@@ -356,31 +281,11 @@ impl WgpuBackend {
             b(1),
             b(2),
         ];
-        self.dispatch(
-            KernelId::Matmul {
-                format: w[0].format,
-                gated: false,
-                tile,
-                qkv: true,
-            },
-            &params,
-            &buffers,
-            (gx, gy, 1),
-        );
+        self.dispatch(KernelId::Matmul { format: w[0].format, gated: false, tile, qkv: true }, &params, &buffers, (gx, gy, 1));
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn rope_kv_op(
-        &self,
-        step: &GStep,
-        q: &GBuf,
-        k: &GBuf,
-        v: &GBuf,
-        caches: Option<(&GCache, usize)>,
-        rotate: bool,
-        heads: (usize, usize),
-        head_dim: usize,
-    ) {
+    fn rope_kv_op(&self, step: &GStep, q: &GBuf, k: &GBuf, v: &GBuf, caches: Option<(&GCache, usize)>, rotate: bool, heads: (usize, usize), head_dim: usize) {
         let (qh, kvh) = heads;
         let threads = (step.n * (qh + kvh) * head_dim / 2) as u32;
         let (gx, gy) = grid(threads.div_ceil(WG));
@@ -388,55 +293,22 @@ impl WgpuBackend {
             Some((c, l)) => (c.k[l].as_ref(), c.v[l].as_ref(), c.shape.context),
             None => (self.dummy[1].as_ref(), self.dummy[2].as_ref(), 0),
         };
-        let params = u32s(&[
-            step.n as u32,
-            qh as u32,
-            kvh as u32,
-            head_dim as u32,
-            caches.is_some() as u32,
-            context as u32,
-            gx * WG,
-            rotate as u32,
-        ]);
+        let params = u32s(&[step.n as u32, qh as u32, kvh as u32, head_dim as u32, caches.is_some() as u32, context as u32, gx * WG, rotate as u32]);
         let buffers = [q, k, v, step.rope.as_ref(), step.rows.as_ref(), kc, vc];
         self.dispatch(KernelId::RopeKv, &params, &buffers, (gx, gy, 1));
     }
 
     fn elementwise(&self, count: usize, op: u32, a: &GAct, b: &GAct) {
         let (gx, gy) = grid((count as u32).div_ceil(WG));
-        self.dispatch(
-            KernelId::Elementwise,
-            &u32s(&[count as u32, op, gx * WG]),
-            &[&a.buf, &b.buf],
-            (gx, gy, 1),
-        );
+        self.dispatch(KernelId::Elementwise, &u32s(&[count as u32, op, gx * WG]), &[&a.buf, &b.buf], (gx, gy, 1));
     }
 
-    fn rmsnorm_op(
-        &self,
-        n: usize,
-        x: &GAct,
-        w: &GBuf,
-        eps: f64,
-        out: &GAct,
-        gather: Option<&GBuf>,
-    ) {
+    fn rmsnorm_op(&self, n: usize, x: &GAct, w: &GBuf, eps: f64, out: &GAct, gather: Option<&GBuf>) {
         if n == 0 {
             return;
         }
-        let params = u32s(&[
-            n as u32,
-            x.width as u32,
-            gather.is_some() as u32,
-            0,
-            (eps as f32).to_bits(),
-        ]);
-        let buffers = [
-            x.buf.as_ref(),
-            out.buf.as_ref(),
-            w,
-            gather.unwrap_or(&self.dummy[0]),
-        ];
+        let params = u32s(&[n as u32, x.width as u32, gather.is_some() as u32, 0, (eps as f32).to_bits()]);
+        let buffers = [x.buf.as_ref(), out.buf.as_ref(), w, gather.unwrap_or(&self.dummy[0])];
         self.dispatch(KernelId::RmsNorm, &params, &buffers, (n as u32, 1, 1));
     }
 }
@@ -452,19 +324,9 @@ impl Backend for WgpuBackend {
         format!("gpu ({}, {})", self.gpu.name(), self.gpu.api())
     }
 
-    fn upload_matrix(
-        &self,
-        t: &HostTensor<'_>,
-        rows: usize,
-        cols: usize,
-        format: WeightFormat,
-    ) -> Result<GMatrix> {
+    fn upload_matrix(&self, t: &HostTensor<'_>, rows: usize, cols: usize, format: WeightFormat) -> Result<GMatrix> {
         if cols % 4 != 0 {
-            return Err(EngineError::tensor(
-                "",
-                t.name,
-                format!("rows of {cols} elements: the GPU backend needs a multiple of 4"),
-            ));
+            return Err(EngineError::tensor("", t.name, format!("rows of {cols} elements: the GPU backend needs a multiple of 4")));
         }
         if matches!(format, WeightFormat::F16 | WeightFormat::Q8_0) && !self.gpu.f16_in_f32 {
             return Err(gpu_error(format!("{} cannot unpack f16 in shaders (no SHADER_F16_IN_F32); use weights=\"f32\" or \"bf16\"", self.gpu.name())));
@@ -472,37 +334,20 @@ impl Backend for WgpuBackend {
         let row_bytes = format.row_bytes(cols) as u64;
         let rows_per_chunk = (self.max_weight_buffer / row_bytes).min(u32::MAX as u64) as usize;
         if rows_per_chunk == 0 {
-            return Err(EngineError::tensor(
-                "",
-                t.name,
-                "one row is larger than this adapter's largest storage binding",
-            ));
+            return Err(EngineError::tensor("", t.name, "one row is larger than this adapter's largest storage binding"));
         }
         let bytes = t.to_format_bytes(format);
         let mut chunks = Vec::new();
         for first in (0..rows).step_by(rows_per_chunk) {
             let count = rows_per_chunk.min(rows - first);
             let data = &bytes[first * row_bytes as usize..(first + count) * row_bytes as usize];
-            chunks.push((
-                GBuf::with_data(&self.gpu, t.name, data),
-                first as u32,
-                count as u32,
-            ));
+            chunks.push((GBuf::with_data(&self.gpu, t.name, data), first as u32, count as u32));
         }
-        Ok(GMatrix {
-            chunks,
-            rows,
-            cols,
-            format,
-        })
+        Ok(GMatrix { chunks, rows, cols, format })
     }
 
     fn upload_vector(&self, values: &[f32]) -> Result<Arc<GBuf>> {
-        Ok(GBuf::with_data(
-            &self.gpu,
-            "vector",
-            bytemuck::cast_slice(values),
-        ))
+        Ok(GBuf::with_data(&self.gpu, "vector", bytemuck::cast_slice(values)))
     }
 
     fn matrix_bytes(&self, m: &GMatrix) -> usize {
@@ -510,10 +355,7 @@ impl Backend for WgpuBackend {
     }
 
     fn activation(&self, rows: usize, width: usize) -> Result<GAct> {
-        let buf = self.buffer(
-            &format!("activations ({rows} x {width})"),
-            (rows * width * 4) as u64,
-        )?;
+        let buf = self.buffer(&format!("activations ({rows} x {width})"), (rows * width * 4) as u64)?;
         Ok(GAct { buf, width })
     }
 
@@ -521,20 +363,13 @@ impl Backend for WgpuBackend {
         let mut pool = self.cache_pool.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = pool.as_ref() {
             let s = c.shape;
-            if s.layers == shape.layers
-                && s.kv_dim == shape.kv_dim
-                && s.slots >= shape.slots
-                && s.context >= shape.context
-            {
+            if s.layers == shape.layers && s.kv_dim == shape.kv_dim && s.slots >= shape.slots && s.context >= shape.context {
                 return Ok(c.clone());
             }
         }
         *pool = None; // free the old cache before allocating the new one
         let bytes = (shape.slots * shape.context * shape.kv_dim * 4) as u64;
-        let what = format!(
-            "the KV cache of one layer ({} sequences x {} positions; lower max_batch or context)",
-            shape.slots, shape.context
-        );
+        let what = format!("the KV cache of one layer ({} sequences x {} positions; lower max_batch or context)", shape.slots, shape.context);
         let mut k = Vec::with_capacity(shape.layers);
         let mut v = Vec::with_capacity(shape.layers);
         for _ in 0..shape.layers {
@@ -551,38 +386,18 @@ impl Backend for WgpuBackend {
     fn cache_reset(&self, _cache: &mut Arc<GCache>, _slot: usize) {}
 
     fn cache_bytes(&self, cache: &Arc<GCache>) -> usize {
-        cache
-            .k
-            .iter()
-            .chain(&cache.v)
-            .map(|b| b.size as usize)
-            .sum()
+        cache.k.iter().chain(&cache.v).map(|b| b.size as usize).sum()
     }
 
     fn begin_step(&self, input: &StepInput<'_>) -> Result<GStep> {
         self.rec().reset();
-        let rows: Vec<u32> = input
-            .rows
-            .iter()
-            .flat_map(|r| [r.slot as u32, r.pos as u32, r.token, 0])
-            .collect();
+        let rows: Vec<u32> = input.rows.iter().flat_map(|r| [r.slot as u32, r.pos as u32, r.token, 0]).collect();
         let logit_rows: Vec<u32> = input.logit_rows.iter().map(|&i| i as u32).collect();
         let mut bufs = self.step_buffers.lock().unwrap_or_else(|e| e.into_inner());
         let rows = self.step_upload(&mut bufs.rows, "step rows", &u32s(&rows))?;
-        let rope = self.step_upload(
-            &mut bufs.rope,
-            "step rotary table",
-            bytemuck::cast_slice(input.rope),
-        )?;
-        let logit_rows =
-            self.step_upload(&mut bufs.logit_rows, "step logit rows", &u32s(&logit_rows))?;
-        Ok(GStep {
-            n: input.rows.len(),
-            m: input.logit_rows.len(),
-            rows,
-            rope,
-            logit_rows,
-        })
+        let rope = self.step_upload(&mut bufs.rope, "step rotary table", bytemuck::cast_slice(input.rope))?;
+        let logit_rows = self.step_upload(&mut bufs.logit_rows, "step logit rows", &u32s(&logit_rows))?;
+        Ok(GStep { n: input.rows.len(), m: input.logit_rows.len(), rows, rope, logit_rows })
     }
 
     fn embed(&self, step: &GStep, table: &GMatrix, x: &mut GAct) {
@@ -590,12 +405,7 @@ impl Backend for WgpuBackend {
         let (gx, gy) = grid((step.n as u32 * h4).div_ceil(WG));
         for (buf, first, rows) in &table.chunks {
             let params = u32s(&[step.n as u32, x.width as u32, *first, *rows, gx * WG]);
-            self.dispatch(
-                KernelId::Embed(table.format),
-                &params,
-                &[buf, &x.buf, &step.rows],
-                (gx, gy, 1),
-            );
+            self.dispatch(KernelId::Embed(table.format), &params, &[buf, &x.buf, &step.rows], (gx, gy, 1));
         }
     }
 
@@ -609,41 +419,15 @@ impl Backend for WgpuBackend {
 
     fn rope(&self, step: &GStep, q: &mut GAct, k: &mut GAct, head_dim: usize) {
         let heads = (q.width / head_dim, k.width / head_dim);
-        self.rope_kv_op(
-            step,
-            &q.buf,
-            &k.buf,
-            &self.dummy[0],
-            None,
-            true,
-            heads,
-            head_dim,
-        );
+        self.rope_kv_op(step, &q.buf, &k.buf, &self.dummy[0], None, true, heads, head_dim);
     }
 
     fn kv_write(&self, step: &GStep, cache: &mut Arc<GCache>, layer: usize, k: &GAct, v: &GAct) {
         // Without rotation each thread copies one pair: the whole row may be one "head".
-        self.rope_kv_op(
-            step,
-            &self.dummy[1],
-            &k.buf,
-            &v.buf,
-            Some((cache, layer)),
-            false,
-            (0, 1),
-            k.width,
-        );
+        self.rope_kv_op(step, &self.dummy[1], &k.buf, &v.buf, Some((cache, layer)), false, (0, 1), k.width);
     }
 
-    fn attention(
-        &self,
-        step: &GStep,
-        cache: &Arc<GCache>,
-        layer: usize,
-        shape: AttentionShape,
-        q: &GAct,
-        out: &mut GAct,
-    ) {
+    fn attention(&self, step: &GStep, cache: &Arc<GCache>, layer: usize, shape: AttentionShape, q: &GAct, out: &mut GAct) {
         if step.n == 0 {
             return;
         }
@@ -658,19 +442,8 @@ impl Backend for WgpuBackend {
             shape.scale.to_bits(),
             0,
         ]);
-        let buffers = [
-            q.buf.as_ref(),
-            &cache.k[layer],
-            &cache.v[layer],
-            &out.buf,
-            &step.rows,
-        ];
-        self.dispatch(
-            KernelId::Attention,
-            &params,
-            &buffers,
-            (shape.heads as u32, step.n as u32, 1),
-        );
+        let buffers = [q.buf.as_ref(), &cache.k[layer], &cache.v[layer], &out.buf, &step.rows];
+        self.dispatch(KernelId::Attention, &params, &buffers, (shape.heads as u32, step.n as u32, 1));
     }
 
     fn silu_mul(&self, n: usize, gate: &mut GAct, up: &GAct) {
@@ -689,52 +462,22 @@ impl Backend for WgpuBackend {
         if values.len() * 4 > x.buf.size as usize {
             return Err(gpu_error("write past the end of an activation buffer"));
         }
-        self.gpu
-            .queue
-            .write_buffer(&x.buf.buf, 0, bytemuck::cast_slice(values));
+        self.gpu.queue.write_buffer(&x.buf.buf, 0, bytemuck::cast_slice(values));
         Ok(())
     }
 
     fn read(&self, n: usize, x: &GAct) -> Result<Vec<f32>> {
         let mut rec = self.rec();
-        self.last_dispatches
-            .store(rec.dispatches, Ordering::Relaxed);
+        self.last_dispatches.store(rec.dispatches, Ordering::Relaxed);
         let bytes = rec.submit_and_read(&self.gpu, &x.buf, (n * x.width * 4) as u64)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes[..n * x.width * 4]))
     }
 
-    fn norm_matmul(
-        &self,
-        n: usize,
-        x: &GAct,
-        norm: &Arc<GBuf>,
-        eps: f64,
-        w: &GMatrix,
-        bias: Option<&Arc<GBuf>>,
-        _normed: &mut GAct,
-        out: &mut GAct,
-    ) {
-        self.matmul_op(
-            n,
-            w,
-            None,
-            bias.map(|b| b.as_ref()),
-            Some((norm, eps)),
-            false,
-            x,
-            out,
-        );
+    fn norm_matmul(&self, n: usize, x: &GAct, norm: &Arc<GBuf>, eps: f64, w: &GMatrix, bias: Option<&Arc<GBuf>>, _normed: &mut GAct, out: &mut GAct) {
+        self.matmul_op(n, w, None, bias.map(|b| b.as_ref()), Some((norm, eps)), false, x, out);
     }
 
-    fn matmul_add(
-        &self,
-        n: usize,
-        w: &GMatrix,
-        bias: Option<&Arc<GBuf>>,
-        y: &GAct,
-        _scratch: &mut GAct,
-        x: &mut GAct,
-    ) {
+    fn matmul_add(&self, n: usize, w: &GMatrix, bias: Option<&Arc<GBuf>>, y: &GAct, _scratch: &mut GAct, x: &mut GAct) {
         self.matmul_op(n, w, None, bias.map(|b| b.as_ref()), None, true, y, x);
     }
 
@@ -754,51 +497,20 @@ impl Backend for WgpuBackend {
         self.norm_qkv_op(n, x, (norm, eps), w, bias, [q, k, v]);
     }
 
-    fn norm_gate_up(
-        &self,
-        n: usize,
-        x: &GAct,
-        norm: &Arc<GBuf>,
-        eps: f64,
-        gw: &GMatrix,
-        uw: &GMatrix,
-        _normed: &mut GAct,
-        gate: &mut GAct,
-        _up: &mut GAct,
-    ) {
+    fn norm_gate_up(&self, n: usize, x: &GAct, norm: &Arc<GBuf>, eps: f64, gw: &GMatrix, uw: &GMatrix, _normed: &mut GAct, gate: &mut GAct, _up: &mut GAct) {
         self.matmul_op(n, gw, Some(uw), None, Some((norm, eps)), false, x, gate);
     }
 
-    fn rope_kv_write(
-        &self,
-        step: &GStep,
-        cache: &mut Arc<GCache>,
-        layer: usize,
-        q: &mut GAct,
-        k: &mut GAct,
-        v: &GAct,
-        head_dim: usize,
-    ) {
+    fn rope_kv_write(&self, step: &GStep, cache: &mut Arc<GCache>, layer: usize, q: &mut GAct, k: &mut GAct, v: &GAct, head_dim: usize) {
         let heads = (q.width / head_dim, k.width / head_dim);
-        self.rope_kv_op(
-            step,
-            &q.buf,
-            &k.buf,
-            &v.buf,
-            Some((cache, layer)),
-            true,
-            heads,
-            head_dim,
-        );
+        self.rope_kv_op(step, &q.buf, &k.buf, &v.buf, Some((cache, layer)), true, heads, head_dim);
     }
 }
 
 /// Checks that a model's shapes suit the GPU kernels, naming what does not.
 pub fn check_shapes(head_dim: usize) -> Result<()> {
     if head_dim > MAX_HEAD_DIM {
-        return Err(gpu_error(format!(
-            "head_dim {head_dim} is above the attention kernel's limit of {MAX_HEAD_DIM}"
-        )));
+        return Err(gpu_error(format!("head_dim {head_dim} is above the attention kernel's limit of {MAX_HEAD_DIM}")));
     }
     Ok(())
 }

@@ -10,11 +10,7 @@ use crate::backend::cpu::weights::WeightView;
 
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    })
+    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -51,13 +47,7 @@ macro_rules! tile_kernel {
     ($name:ident, $t:ty, $load:ident) => {
         /// out[b * ldo + r] = W[row0 + r] . x[b] for r < R, b < B.
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $name<const R: usize, const B: usize>(
-            w: *const $t,
-            cols: usize,
-            x: *const f32,
-            out: *mut f32,
-            ldo: usize,
-        ) {
+        unsafe fn $name<const R: usize, const B: usize>(w: *const $t, cols: usize, x: *const f32, out: *mut f32, ldo: usize) {
             let mut acc = [[_mm256_setzero_ps(); B]; R];
             let n8 = cols / 8 * 8;
             let mut k = 0;
@@ -92,47 +82,11 @@ tile_kernel!(tile_f16, f16, load_f16);
 tile_kernel!(tile_bf16, bf16, load_bf16);
 
 /// One register tile: weight rows row0..row0+nr against x rows (nb of them, stride cols).
-pub unsafe fn tile(
-    w: WeightView<'_>,
-    row0: usize,
-    cols: usize,
-    x: *const f32,
-    nr: usize,
-    nb: usize,
-    out: *mut f32,
-    ldo: usize,
-) {
+pub unsafe fn tile(w: WeightView<'_>, row0: usize, cols: usize, x: *const f32, nr: usize, nb: usize, out: *mut f32, ldo: usize) {
     match w {
-        WeightView::F32(d) => dispatch!(
-            tile_f32,
-            nr,
-            nb,
-            d.as_ptr().add(row0 * cols),
-            cols,
-            x,
-            out,
-            ldo
-        ),
-        WeightView::F16(d) => dispatch!(
-            tile_f16,
-            nr,
-            nb,
-            d.as_ptr().add(row0 * cols),
-            cols,
-            x,
-            out,
-            ldo
-        ),
-        WeightView::Bf16(d) => dispatch!(
-            tile_bf16,
-            nr,
-            nb,
-            d.as_ptr().add(row0 * cols),
-            cols,
-            x,
-            out,
-            ldo
-        ),
+        WeightView::F32(d) => dispatch!(tile_f32, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
+        WeightView::F16(d) => dispatch!(tile_f16, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
+        WeightView::Bf16(d) => dispatch!(tile_bf16, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
         // No int8 kernel yet: the plain-Rust one (same order on every path of this machine).
         WeightView::Q8_0(_) => super::portable::tile(w, row0, cols, x, nr, nb, out, ldo),
     }

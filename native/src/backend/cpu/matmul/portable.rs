@@ -64,15 +64,16 @@ fn lane_fma(a: f32, b: f32, c: f32) -> f32 {
     return a * b + c;
 }
 
+/// The fixed horizontal sum of 8 lanes (the order the AVX2 kernels use too).
+#[inline(always)]
+fn lane_sum(lanes: &[f32; 8]) -> f32 {
+    let quad = [lanes[0] + lanes[4], lanes[1] + lanes[5], lanes[2] + lanes[6], lanes[3] + lanes[7]];
+    (quad[0] + quad[2]) + (quad[1] + quad[3])
+}
+
 /// out[b * ldo + r] = W[r] . x[b] for r < R, b < B; `w` starts at the tile's first row,
 /// `x` at its first batch row, both with row stride `cols`.
-unsafe fn tile_kernel<T: WeightElem, const R: usize, const B: usize>(
-    w: *const T,
-    cols: usize,
-    x: *const f32,
-    out: *mut f32,
-    ldo: usize,
-) {
+unsafe fn tile_kernel<T: WeightElem, const R: usize, const B: usize>(w: *const T, cols: usize, x: *const f32, out: *mut f32, ldo: usize) {
     let n8 = cols / 8 * 8;
     let mut acc = [[[0f32; 8]; B]; R];
     let mut wv = [[0f32; 8]; R];
@@ -96,14 +97,7 @@ unsafe fn tile_kernel<T: WeightElem, const R: usize, const B: usize>(
     }
     for r in 0..R {
         for b in 0..B {
-            let lanes = &acc[r][b];
-            let quad = [
-                lanes[0] + lanes[4],
-                lanes[1] + lanes[5],
-                lanes[2] + lanes[6],
-                lanes[3] + lanes[7],
-            ];
-            let mut s = (quad[0] + quad[2]) + (quad[1] + quad[3]);
+            let mut s = lane_sum(&acc[r][b]);
             for kk in n8..cols {
                 s += (*w.add(r * cols + kk)).widen() * *x.add(b * cols + kk);
             }
@@ -113,71 +107,19 @@ unsafe fn tile_kernel<T: WeightElem, const R: usize, const B: usize>(
 }
 
 /// One register tile: weight rows row0..row0+nr against nb x rows (stride cols).
-pub unsafe fn tile(
-    w: WeightView<'_>,
-    row0: usize,
-    cols: usize,
-    x: *const f32,
-    nr: usize,
-    nb: usize,
-    out: *mut f32,
-    ldo: usize,
-) {
+pub unsafe fn tile(w: WeightView<'_>, row0: usize, cols: usize, x: *const f32, nr: usize, nb: usize, out: *mut f32, ldo: usize) {
     match w {
-        WeightView::F32(d) => dispatch!(
-            f32_tile,
-            nr,
-            nb,
-            d.as_ptr().add(row0 * cols),
-            cols,
-            x,
-            out,
-            ldo
-        ),
-        WeightView::F16(d) => dispatch!(
-            f16_tile,
-            nr,
-            nb,
-            d.as_ptr().add(row0 * cols),
-            cols,
-            x,
-            out,
-            ldo
-        ),
-        WeightView::Bf16(d) => dispatch!(
-            bf16_tile,
-            nr,
-            nb,
-            d.as_ptr().add(row0 * cols),
-            cols,
-            x,
-            out,
-            ldo
-        ),
-        WeightView::Q8_0(d) => dispatch!(
-            q8_0_tile,
-            nr,
-            nb,
-            d.as_ptr()
-                .add(row0 * (cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES)),
-            cols,
-            x,
-            out,
-            ldo
-        ),
+        WeightView::F32(d) => dispatch!(f32_tile, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
+        WeightView::F16(d) => dispatch!(f16_tile, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
+        WeightView::Bf16(d) => dispatch!(bf16_tile, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
+        WeightView::Q8_0(d) => dispatch!(q8_0_tile, nr, nb, d.as_ptr().add(row0 * (cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES)), cols, x, out, ldo),
     }
 }
 
 /// The tile for Q8_0 rows (cols a multiple of 32): each group of 8 weights is d * q, exact in
 /// f32, summed in the lanes and order of `tile_kernel`, so a product equals the f32 product
 /// of the dequantized weights on this path.
-unsafe fn q8_0_tile<const R: usize, const B: usize>(
-    w: *const u8,
-    cols: usize,
-    x: *const f32,
-    out: *mut f32,
-    ldo: usize,
-) {
+unsafe fn q8_0_tile<const R: usize, const B: usize>(w: *const u8, cols: usize, x: *const f32, out: *mut f32, ldo: usize) {
     let row_bytes = cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
     let mut acc = [[[0f32; 8]; B]; R];
     let mut wv = [[0f32; 8]; R];
@@ -190,10 +132,7 @@ unsafe fn q8_0_tile<const R: usize, const B: usize>(
         for g in 0..Q8_0_BLOCK / 8 {
             let k = blk * Q8_0_BLOCK + g * 8;
             for r in 0..R {
-                let q = std::slice::from_raw_parts(
-                    w.add(r * row_bytes + blk * Q8_0_BLOCK_BYTES + 2 + g * 8),
-                    8,
-                );
+                let q = std::slice::from_raw_parts(w.add(r * row_bytes + blk * Q8_0_BLOCK_BYTES + 2 + g * 8), 8);
                 for l in 0..8 {
                     wv[r][l] = d[r] * (q[l] as i8) as f32;
                 }
@@ -210,45 +149,20 @@ unsafe fn q8_0_tile<const R: usize, const B: usize>(
     }
     for r in 0..R {
         for b in 0..B {
-            let lanes = &acc[r][b];
-            let quad = [
-                lanes[0] + lanes[4],
-                lanes[1] + lanes[5],
-                lanes[2] + lanes[6],
-                lanes[3] + lanes[7],
-            ];
-            *out.add(b * ldo + r) = (quad[0] + quad[2]) + (quad[1] + quad[3]);
+            *out.add(b * ldo + r) = lane_sum(&acc[r][b]);
         }
     }
 }
 
-unsafe fn f32_tile<const R: usize, const B: usize>(
-    w: *const f32,
-    cols: usize,
-    x: *const f32,
-    out: *mut f32,
-    ldo: usize,
-) {
+unsafe fn f32_tile<const R: usize, const B: usize>(w: *const f32, cols: usize, x: *const f32, out: *mut f32, ldo: usize) {
     tile_kernel::<f32, R, B>(w, cols, x, out, ldo)
 }
 
-unsafe fn f16_tile<const R: usize, const B: usize>(
-    w: *const f16,
-    cols: usize,
-    x: *const f32,
-    out: *mut f32,
-    ldo: usize,
-) {
+unsafe fn f16_tile<const R: usize, const B: usize>(w: *const f16, cols: usize, x: *const f32, out: *mut f32, ldo: usize) {
     tile_kernel::<f16, R, B>(w, cols, x, out, ldo)
 }
 
-unsafe fn bf16_tile<const R: usize, const B: usize>(
-    w: *const bf16,
-    cols: usize,
-    x: *const f32,
-    out: *mut f32,
-    ldo: usize,
-) {
+unsafe fn bf16_tile<const R: usize, const B: usize>(w: *const bf16, cols: usize, x: *const f32, out: *mut f32, ldo: usize) {
     tile_kernel::<bf16, R, B>(w, cols, x, out, ldo)
 }
 
@@ -263,10 +177,7 @@ mod tests {
         for bits in 0..=u16::MAX {
             let want = f16::from_bits(bits).to_f32();
             let got = f16_bits_to_f32(bits);
-            assert!(
-                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
-                "{bits:#06x}: {got} vs {want}"
-            );
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{bits:#06x}: {got} vs {want}");
         }
     }
 
@@ -275,10 +186,7 @@ mod tests {
         for bits in 0..=u16::MAX {
             let want = bf16::from_bits(bits).to_f32();
             let got = bf16::from_bits(bits).widen();
-            assert!(
-                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
-                "{bits:#06x}"
-            );
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{bits:#06x}");
         }
     }
 }
