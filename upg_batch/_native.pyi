@@ -5,7 +5,7 @@ plain values. tests/test_engine_stubs.py checks these stubs against the built mo
 from os import PathLike
 from typing import Any, Sequence, final
 
-__all__ = ["EngineError", "NativeEngine", "measure_gpu_read_bandwidth", "measure_read_bandwidth"]
+__all__ = ["EngineError", "NativeEngine", "dequantize", "measure_gpu_read_bandwidth", "measure_read_bandwidth", "quantize"]
 
 # (max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)
 _NativeParams = tuple[int, float, int, float, float, int | None, Sequence[str], Sequence[int], bool]
@@ -34,6 +34,13 @@ class NativeEngine:
     def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[_NativeParams]) -> list[_NativeOutput]: ...
     def info(self) -> dict[str, Any]: ...
     def stats(self) -> dict[str, int | float]: ...
+
+def quantize(values: bytes, format: str) -> bytes:
+    """GGUF/ggml blocks of little-endian f32 `values` (whole blocks) in `format` (q8_0, q4_0,
+    q5_0, q4_k, q6_k), quantized as ggml's reference quantizer does."""
+
+def dequantize(blocks: bytes, format: str) -> bytes:
+    """The weights of whole blocks of `format`, as little-endian f32 bytes."""
 
 def measure_read_bandwidth(bytes: int = ..., threads: int = 1, repeats: int = 5) -> float:
     """Memory read bandwidth of this machine in bytes/s: the best of `repeats` parallel reads

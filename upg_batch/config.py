@@ -36,7 +36,7 @@ class ModelSection(_Section):
     backend: Literal["cpu", "gpu", "auto"] = Field(
         "cpu", description="Engine backend: cpu, gpu (wgpu: Metal or Vulkan), or auto (a hardware GPU when there is one, else the CPU)."
     )
-    weights: Literal["f32", "f16", "bf16", "q8_0"] = Field("f32", description="How weights are held in memory.")
+    weights: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k", "q4_k_m"] = Field("f32", description="How weights are held in memory.")
     threads: int | None = Field(None, ge=1, description="Compute threads per engine (null: all cores).")
     max_batch: int = Field(32, ge=1, description="Sequences an engine runs at once.")
     context: int | None = Field(None, ge=2, description="Longest sequence in tokens (null: the model's maximum).")

@@ -107,9 +107,12 @@ class Engine:
     backend: "cpu", "gpu" (wgpu: Metal on macOS, Vulkan on Linux) or "auto" (a hardware GPU
     when there is one, else the CPU). The environment variable UPG_BATCH_GPU_ADAPTER (a
     case-insensitive part of an adapter's name, e.g. "llvmpipe") forces one GPU adapter.
-    weights: how weights are held in memory: "f32", "f16", "bf16" or "q8_0" (GGUF's 8-bit
-        blocks, quantized at load; matrices whose rows are not whole blocks stay f16 and are
-        listed in `info["weight_fallbacks"]`). Arithmetic is f32.
+    weights: how weights are held in memory: "f32", "f16", "bf16", or a GGUF block format
+        quantized at load: "q8_0", "q6_k", "q5_0", "q4_k", "q4_0", or "q4_k_m" (llama.cpp's
+        mix: q4_k with q6_k for the output and some layers' v and down projections).
+        Matrices whose rows are not whole blocks stay f16 and are listed in
+        `info["weight_fallbacks"]`. The CPU multiplies block formats with int8-quantized
+        activations; the GPU in f32.
     threads: compute threads (None: all cores). max_batch: sequences in flight at once.
     context: longest sequence (prompt + completion) in tokens (None: the model's maximum).
     fused: fused kernels where the backend has them (the GPU: fewer dispatches per step);

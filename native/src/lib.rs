@@ -6,6 +6,7 @@ pub mod backend;
 pub mod engine;
 pub mod error;
 pub mod model;
+pub mod quant;
 pub mod tensor;
 
 use std::path::PathBuf;
@@ -118,7 +119,7 @@ impl NativeEngine {
         d.set_item("context", e.context)?;
         d.set_item("max_position_embeddings", c.max_position_embeddings)?;
         d.set_item("backend", e.model.backend_name())?;
-        d.set_item("weights", e.model.format().name())?;
+        d.set_item("weights", e.model.scheme().name())?;
         d.set_item("fused", e.model.fused())?;
         d.set_item("weight_bytes", e.model.weight_bytes())?;
         d.set_item("checkpoint_matrix_bytes", e.model.checkpoint_matrix_bytes())?;
@@ -179,6 +180,39 @@ fn measure_read_bandwidth(py: Python<'_>, bytes: usize, threads: usize, repeats:
     py.allow_threads(|| backend::cpu::membench::read_bandwidth(bytes, threads, repeats))
 }
 
+fn block_format(name: &str) -> PyResult<tensor::WeightFormat> {
+    match tensor::WeightFormat::parse(name) {
+        Some(f) if !f.is_plain() => Ok(f),
+        _ => Err(pyo3::exceptions::PyValueError::new_err(format!("format {name:?} is not a block format (q8_0, q4_0, q5_0, q4_k, q6_k)"))),
+    }
+}
+
+/// The blocks (GGUF/ggml layout) of `values`, little-endian f32 bytes whose count is a whole
+/// number of the format's blocks.
+#[pyfunction]
+fn quantize<'py>(py: Python<'py>, values: &[u8], format: &str) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+    let f = block_format(format)?;
+    let (weights, _) = f.block();
+    if values.len() % 4 != 0 || (values.len() / 4) % weights != 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!("{format} needs whole blocks of {weights} f32 values")));
+    }
+    let v: Vec<f32> = values.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let out = py.allow_threads(|| crate::with_block_format!(f, F => quant::quantize::<F>(&v)));
+    Ok(pyo3::types::PyBytes::new(py, &out))
+}
+
+/// The weights of whole blocks of `format`, as little-endian f32 bytes.
+#[pyfunction]
+fn dequantize<'py>(py: Python<'py>, blocks: &[u8], format: &str) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+    let f = block_format(format)?;
+    let (_, bytes) = f.block();
+    if blocks.len() % bytes != 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!("{format} blocks are {bytes} bytes; got {}", blocks.len())));
+    }
+    let v = crate::with_block_format!(f, F => quant::dequantize::<F>(blocks));
+    Ok(pyo3::types::PyBytes::new(py, bytemuck::cast_slice(&v)))
+}
+
 /// Streaming read bandwidth of the GPU in bytes/s through a plain WGSL kernel, and the
 /// adapter's name (the adapter the `gpu` backend would use).
 #[pyfunction]
@@ -204,6 +238,8 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add_class::<NativeEngine>()?;
     m.add_function(wrap_pyfunction!(measure_read_bandwidth, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(measure_gpu_read_bandwidth, m)?)?;
     Ok(())
 }

@@ -10,32 +10,42 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use memmap2::Mmap;
 
+use crate::quant::{self, BlockFormat};
+use crate::with_block_format;
+
 /// The in-memory format of weight matrices (`weights=` option). Arithmetic is always f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
     F32,
     F16,
     Bf16,
-    /// GGUF's Q8_0: blocks of 32 weights, each an f16 scale d then 32 int8 q (34 bytes);
-    /// a weight is d * q. Quantized at load from 16- and 32-bit checkpoints.
+    /// GGUF/ggml block formats (layouts in `crate::quant`), quantized at load from 16- and
+    /// 32-bit checkpoints.
     Q8_0,
+    Q4_0,
+    Q5_0,
+    Q4K,
+    Q6K,
 }
 
 /// What a checkpoint file stores for one tensor (safetensors files store the 16- and 32-bit
 /// formats only).
 pub type DType = WeightFormat;
 
-/// Weights per Q8_0 block, and its bytes.
-pub const Q8_0_BLOCK: usize = 32;
-pub const Q8_0_BLOCK_BYTES: usize = 34;
-
 impl WeightFormat {
+    pub const ALL: [WeightFormat; 8] =
+        [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16, WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q5_0, WeightFormat::Q4K, WeightFormat::Q6K];
+
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "f32" | "float32" => Some(WeightFormat::F32),
             "f16" | "float16" => Some(WeightFormat::F16),
             "bf16" | "bfloat16" => Some(WeightFormat::Bf16),
             "q8_0" => Some(WeightFormat::Q8_0),
+            "q4_0" => Some(WeightFormat::Q4_0),
+            "q5_0" => Some(WeightFormat::Q5_0),
+            "q4_k" => Some(WeightFormat::Q4K),
+            "q6_k" => Some(WeightFormat::Q6K),
             _ => None,
         }
     }
@@ -46,6 +56,10 @@ impl WeightFormat {
             WeightFormat::F16 => "f16",
             WeightFormat::Bf16 => "bf16",
             WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::Q4_0 => "q4_0",
+            WeightFormat::Q5_0 => "q5_0",
+            WeightFormat::Q4K => "q4_k",
+            WeightFormat::Q6K => "q6_k",
         }
     }
 
@@ -54,7 +68,7 @@ impl WeightFormat {
         match self {
             WeightFormat::F32 => (1, 4),
             WeightFormat::F16 | WeightFormat::Bf16 => (1, 2),
-            WeightFormat::Q8_0 => (Q8_0_BLOCK, Q8_0_BLOCK_BYTES),
+            block => with_block_format!(block, F => (F::WEIGHTS, F::BYTES)),
         }
     }
 
@@ -75,32 +89,6 @@ impl WeightFormat {
     pub fn is_plain(self) -> bool {
         self.block().0 == 1
     }
-}
-
-/// Quantizes `values` (whole Q8_0 blocks) as ggml's reference does: d = max|v| / 127 rounded to
-/// f16, q = round(v / d) (halves away from zero).
-pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
-    assert_eq!(values.len() % Q8_0_BLOCK, 0, "Q8_0 needs whole blocks of 32");
-    let mut out = Vec::with_capacity(values.len() / Q8_0_BLOCK * Q8_0_BLOCK_BYTES);
-    for block in values.chunks_exact(Q8_0_BLOCK) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-        out.extend(block.iter().map(|&v| (v * id).round() as i8 as u8));
-    }
-    out
-}
-
-/// Weight `j` (< 32) of the Q8_0 block at the start of `block`, as f32 (exact).
-#[inline]
-pub fn q8_0_weight(block: &[u8], j: usize) -> f32 {
-    f16::from_le_bytes([block[0], block[1]]).to_f32() * (block[2 + j] as i8) as f32
-}
-
-/// Every weight of whole Q8_0 blocks, as f32.
-pub fn dequantize_q8_0(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(Q8_0_BLOCK_BYTES).flat_map(|b| (0..Q8_0_BLOCK).map(move |j| q8_0_weight(b, j))).collect()
 }
 
 /// One tensor of a checkpoint as it sits in a mapped file: its stored dtype, its shape and
@@ -138,7 +126,7 @@ impl HostTensor<'_> {
             DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             DType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             DType::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            DType::Q8_0 => dequantize_q8_0(bytes),
+            block => with_block_format!(block, F => quant::dequantize::<F>(bytes)),
         }
     }
 
@@ -154,7 +142,7 @@ impl HostTensor<'_> {
             WeightFormat::F32 => bytemuck::cast_slice(&values).to_vec(),
             WeightFormat::F16 => values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
             WeightFormat::Bf16 => values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
-            WeightFormat::Q8_0 => quantize_q8_0(&values),
+            block => with_block_format!(block, F => quant::quantize::<F>(&values)),
         }
     }
 }

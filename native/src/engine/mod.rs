@@ -18,7 +18,7 @@ use self::stats::Stats;
 use crate::backend::StepRow;
 use crate::error::{EngineError, Result};
 use crate::model::config::{read_json_object, token_ids, ModelConfig};
-use crate::tensor::WeightFormat;
+use crate::model::scheme::WeightScheme;
 
 const MAX_THREADS: usize = 1024;
 const MAX_BATCH: usize = 65536;
@@ -53,8 +53,9 @@ pub struct Engine {
 
 impl Engine {
     pub fn load(model_dir: &Path, opts: EngineOptions) -> Result<Self> {
-        let format = WeightFormat::parse(&opts.weights)
-            .ok_or_else(|| EngineError::InvalidArgument(format!("weights {:?} is unknown (expected \"f32\", \"f16\", \"bf16\" or \"q8_0\")", opts.weights)))?;
+        let scheme = WeightScheme::parse(&opts.weights).ok_or_else(|| {
+            EngineError::InvalidArgument(format!("weights {:?} is unknown (expected one of f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k, q4_k_m)", opts.weights))
+        })?;
         if opts.max_batch == 0 {
             return Err(EngineError::InvalidArgument("max_batch must be >= 1".into()));
         }
@@ -86,7 +87,7 @@ impl Engine {
             .thread_name(|i| format!("upg-engine-{i}"))
             .build()
             .map_err(|e| EngineError::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
-        let model = Model::load(&opts.backend, model_dir, cfg, format, opts.fused)?;
+        let model = Model::load(&opts.backend, model_dir, cfg, scheme, opts.fused)?;
         Ok(Engine { model, tokenizer, eos_token_ids, max_batch: opts.max_batch, context, threads, stats: Stats::default(), pool, run_lock: Mutex::new(()) })
     }
 

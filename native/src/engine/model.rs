@@ -8,7 +8,7 @@ use crate::backend::BackendKind;
 use crate::error::Result;
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Decoder;
-use crate::tensor::WeightFormat;
+use crate::model::scheme::WeightScheme;
 
 #[cfg(feature = "gpu")]
 use crate::backend::wgpu::WgpuBackend;
@@ -32,21 +32,21 @@ macro_rules! with_decoder {
 }
 
 impl Model {
-    pub fn load(backend: &str, model_dir: &Path, cfg: ModelConfig, format: WeightFormat, fused: bool) -> Result<Self> {
+    pub fn load(backend: &str, model_dir: &Path, cfg: ModelConfig, scheme: WeightScheme, fused: bool) -> Result<Self> {
         match BackendKind::parse(backend)? {
-            BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
+            BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, scheme, fused)?)),
             #[cfg(feature = "gpu")]
             BackendKind::Gpu => {
                 crate::backend::wgpu::check_shapes(cfg.head_dim)?;
-                Ok(Model::Gpu(Decoder::load(WgpuBackend::new(false)?, model_dir, cfg, format, fused)?))
+                Ok(Model::Gpu(Decoder::load(WgpuBackend::new(false)?, model_dir, cfg, scheme, fused)?))
             }
             #[cfg(feature = "gpu")]
             BackendKind::Auto => match crate::backend::wgpu::check_shapes(cfg.head_dim).and_then(|_| WgpuBackend::new(true)) {
-                Ok(b) => Ok(Model::Gpu(Decoder::load(b, model_dir, cfg, format, fused)?)),
-                Err(_) => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
+                Ok(b) => Ok(Model::Gpu(Decoder::load(b, model_dir, cfg, scheme, fused)?)),
+                Err(_) => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, scheme, fused)?)),
             },
             #[cfg(not(feature = "gpu"))]
-            BackendKind::Auto => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, format, fused)?)),
+            BackendKind::Auto => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, scheme, fused)?)),
             #[cfg(not(feature = "gpu"))]
             BackendKind::Gpu => unreachable!("BackendKind::parse refuses gpu without the feature"),
         }
@@ -56,8 +56,8 @@ impl Model {
         with_decoder!(self, m => &m.cfg)
     }
 
-    pub fn format(&self) -> WeightFormat {
-        with_decoder!(self, m => m.format)
+    pub fn scheme(&self) -> WeightScheme {
+        with_decoder!(self, m => m.scheme)
     }
 
     pub fn fused(&self) -> bool {

@@ -8,15 +8,18 @@ use std::sync::Mutex;
 use super::checkpoint::Checkpoint;
 use super::config::ModelConfig;
 use super::rope::Rope;
+use super::scheme::WeightScheme;
 use crate::backend::{AttentionShape, Backend, CacheShape, StepInput, StepRow};
 use crate::error::Result;
 use crate::tensor::WeightFormat;
 
-/// What loading the matrices of a checkpoint did: the format asked for, the matrices held in a
-/// 16-bit format instead (rows that are not whole blocks of it), and the bytes the checkpoint
-/// stores for them.
+/// What loading the matrices of a checkpoint did: the scheme asked for, the matrices held in a
+/// 16-bit format instead (rows that are not whole blocks of their format), and the bytes the
+/// checkpoint stores for them.
 pub struct WeightLoad {
-    pub format: WeightFormat,
+    pub scheme: WeightScheme,
+    layers: usize,
+    tied: bool,
     pub fallbacks: Vec<String>,
     pub stored_bytes: usize,
 }
@@ -26,8 +29,9 @@ impl WeightLoad {
         let shape = [rows, cols];
         let t = ckpt.tensor(name, &shape)?;
         self.stored_bytes += t.end - t.start;
-        let held = if self.format.fits_row(cols) {
-            self.format
+        let format = self.scheme.format_for(name, self.layers, self.tied);
+        let held = if format.fits_row(cols) {
+            format
         } else {
             self.fallbacks.push(name.to_string());
             WeightFormat::F16
@@ -137,7 +141,7 @@ impl<B: Backend> Workspace<B> {
 
 pub struct Decoder<B: Backend> {
     pub cfg: ModelConfig,
-    pub format: WeightFormat,
+    pub scheme: WeightScheme,
     pub backend: B,
     /// Fused kernels where the backend has them (`fused=False` keeps one op per dispatch).
     pub fused: bool,
@@ -153,19 +157,19 @@ pub struct Decoder<B: Backend> {
 }
 
 impl<B: Backend> Decoder<B> {
-    pub fn load(backend: B, model_dir: &Path, cfg: ModelConfig, format: WeightFormat, fused: bool) -> Result<Self> {
+    pub fn load(backend: B, model_dir: &Path, cfg: ModelConfig, scheme: WeightScheme, fused: bool) -> Result<Self> {
         let b = &backend;
         let ckpt = Checkpoint::open(model_dir)?;
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let name = "model.embed_tokens.weight";
-        let mut w = WeightLoad { format, fallbacks: Vec::new(), stored_bytes: 0 };
+        let mut w = WeightLoad { scheme, layers: cfg.num_hidden_layers, tied: cfg.tie_word_embeddings, fallbacks: Vec::new(), stored_bytes: 0 };
         let embed_tokens = w.matrix(b, &ckpt, name, vocab, h)?;
         // Tied checkpoints may still carry an lm_head copy; transformers ignores it, so do we.
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(w.matrix(b, &ckpt, "lm_head.weight", vocab, h)?) };
         let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(b, &ckpt, &cfg, i, &mut w)).collect::<Result<_>>()?;
         let norm = b.upload_vector(&ckpt.vector("model.norm.weight", h)?)?;
         let rope = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling);
-        Ok(Decoder { cfg, format, backend, fused, embed_tokens, layers, norm, lm_head, rope, work: Mutex::new(None), loaded: w })
+        Ok(Decoder { cfg, scheme, backend, fused, embed_tokens, layers, norm, lm_head, rope, work: Mutex::new(None), loaded: w })
     }
 
     /// Bytes of weights held (mapped or owned).

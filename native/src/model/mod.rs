@@ -5,3 +5,4 @@ pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod rope;
+pub mod scheme;

@@ -1,5 +1,6 @@
 //! Matrix products against weight matrices: out (batch, rows) = x (batch, cols) @ W^T,
-//! W (rows, cols) in f32, f16, bf16 or q8_0, arithmetic in f32.
+//! W (rows, cols) in f32, f16 or bf16 (arithmetic in f32), or a block format (`int8`:
+//! integer products against int8-quantized activations).
 //!
 //! Batch invariance: every output element is one dot product whose reduction order is fixed
 //! (eight f32 lanes accumulated over k in steps of 8, a fixed horizontal sum, then the scalar
@@ -40,6 +41,7 @@ macro_rules! dispatch {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod int8;
 mod portable;
 
 /// Register tile for batches: 3 weight rows x 4 x rows (12 accumulators + 3 weight vectors
@@ -52,6 +54,11 @@ const TILE_ROWS_SINGLE: usize = 4;
 /// Portable tile: 4 x 2 accumulators of 8 lanes (16 NEON registers) + 4 weight chunks.
 const PORTABLE_TILE_ROWS: usize = 4;
 const PORTABLE_TILE_BATCH: usize = 2;
+/// Int8 tiles (weight rows x batch rows): at batch 1, 4 rows keep loads in flight; batched,
+/// 2 x 4 (8 accumulators beside 2 decoded groups, their magnitudes and scales).
+const INT8_TILE_SINGLE: (usize, usize) = (4, 1);
+const INT8_TILE: (usize, usize) = (2, 4);
+const INT8_PORTABLE_TILE: (usize, usize) = (4, 2);
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// Most output rows per task: small tasks even out uneven cores.
@@ -76,37 +83,57 @@ fn matmul_using(kernels: Simd, w: WeightView<'_>, rows: usize, cols: usize, x: &
         return;
     }
     let ptr = OutPtr(out.as_mut_ptr());
+    if let WeightView::Blocks(format, bytes) = w {
+        let acts = int8::quantize_acts(x, cols);
+        let (tile, (tile_rows, tile_batch)): (TileFn<int8::ActGroup>, _) = match kernels {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => (int8::avx2::tile, if batch == 1 { INT8_TILE_SINGLE } else { INT8_TILE }),
+            Simd::Portable => (int8::tile, INT8_PORTABLE_TILE),
+        };
+        // The tiles index activations by group: a batch row is cols / 32 of them.
+        let run = |start, end| unsafe { row_range(|r, b, nr, nb, o| tile(format, bytes, r, cols, acts.as_ptr().add(b * cols / 32), nr, nb, o, rows), rows, batch, start, end, (tile_rows, tile_batch), ptr) };
+        return split_rows(rows, cols * batch, run);
+    }
+    let (tile, tile_rows, tile_batch): (FloatTile, usize, usize) = match kernels {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => (avx2::tile, if batch == 1 { TILE_ROWS_SINGLE } else { TILE_ROWS }, TILE_BATCH),
+        Simd::Portable => (portable::tile, PORTABLE_TILE_ROWS, PORTABLE_TILE_BATCH),
+    };
+    let run = |start, end| unsafe { row_range(|r, b, nr, nb, o| tile(w, r, cols, x.as_ptr().add(b * cols), nr, nb, o, rows), rows, batch, start, end, (tile_rows, tile_batch), ptr) };
+    split_rows(rows, cols * batch, run)
+}
+
+type FloatTile = unsafe fn(WeightView<'_>, usize, usize, *const f32, usize, usize, *mut f32, usize);
+type TileFn<A> = unsafe fn(crate::tensor::WeightFormat, &[u8], usize, usize, *const A, usize, usize, *mut f32, usize);
+
+/// Runs `run(start, end)` over disjoint ranges of the output rows that cover them all: on
+/// this thread for small products, else as rayon tasks.
+fn split_rows(rows: usize, work_per_row: usize, run: impl Fn(usize, usize) + Sync) {
     let threads = rayon::current_num_threads().max(1);
-    if threads == 1 || rows * cols * batch < PARALLEL_MIN_WORK {
-        // SAFETY: the one task covers all rows of a correctly sized output.
-        unsafe { row_range(kernels, w, rows, cols, x, batch, 0, rows, ptr) };
-        return;
+    if threads == 1 || rows * work_per_row < PARALLEL_MIN_WORK {
+        return run(0, rows);
     }
     // Several chunks per thread so uneven cores even out; chunks are whole tiles.
     let chunk = rows.div_ceil(threads * 4).next_multiple_of(12).clamp(12, PANEL_ROWS);
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let start = c * chunk;
-        let end = (start + chunk).min(rows);
-        // SAFETY: chunks are disjoint row ranges within bounds.
-        unsafe { row_range(kernels, w, rows, cols, x, batch, start, end, ptr) };
+        run(start, (start + chunk).min(rows));
     });
 }
 
-/// Output rows `start..end` for every batch row, tile by tile.
-unsafe fn row_range(kernels: Simd, w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, start: usize, end: usize, out: OutPtr) {
-    type Tile = unsafe fn(WeightView<'_>, usize, usize, *const f32, usize, usize, *mut f32, usize);
-    let (tile, tile_rows, tile_batch): (Tile, usize, usize) = match kernels {
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => (avx2::tile, if batch == 1 { TILE_ROWS_SINGLE } else { TILE_ROWS }, TILE_BATCH),
-        Simd::Portable => (portable::tile, PORTABLE_TILE_ROWS, PORTABLE_TILE_BATCH),
-    };
+/// Output rows `start..end` for every batch row, tile by tile: `tile(row, batch_row, nr, nb,
+/// out)` computes nr x nb outputs into `out` (row stride `rows`).
+///
+/// # Safety
+/// `out` must hold (batch, rows) and no other task may write rows `start..end`.
+unsafe fn row_range(tile: impl Fn(usize, usize, usize, usize, *mut f32), rows: usize, batch: usize, start: usize, end: usize, (tile_rows, tile_batch): (usize, usize), out: OutPtr) {
     let mut r = start;
     while r < end {
         let nr = (end - r).min(tile_rows);
         let mut b = 0;
         while b < batch {
             let nb = (batch - b).min(tile_batch);
-            tile(w, r, cols, x.as_ptr().add(b * cols), nr, nb, out.0.add(b * rows + r), rows);
+            tile(r, b, nr, nb, out.0.add(b * rows + r));
             b += nb;
         }
         r += nr;

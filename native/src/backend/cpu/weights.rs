@@ -8,7 +8,9 @@ use std::sync::Arc;
 use half::{bf16, f16};
 use memmap2::Mmap;
 
-use crate::tensor::{q8_0_weight, quantize_q8_0, WeightFormat, Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
+use crate::quant::{self, BlockFormat};
+use crate::tensor::WeightFormat;
+use crate::with_block_format;
 
 /// Borrowed weights, row-major.
 #[derive(Clone, Copy)]
@@ -16,8 +18,8 @@ pub enum WeightView<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     Bf16(&'a [bf16]),
-    /// Whole Q8_0 blocks (rows are whole blocks).
-    Q8_0(&'a [u8]),
+    /// Whole blocks of a block format (rows are whole blocks).
+    Blocks(WeightFormat, &'a [u8]),
 }
 
 impl WeightView<'_> {
@@ -28,7 +30,7 @@ impl WeightView<'_> {
             WeightView::F32(d) => d[i],
             WeightView::F16(d) => d[i].to_f32(),
             WeightView::Bf16(d) => d[i].to_f32(),
-            WeightView::Q8_0(d) => q8_0_weight(&d[i / Q8_0_BLOCK * Q8_0_BLOCK_BYTES..], i % Q8_0_BLOCK),
+            WeightView::Blocks(f, d) => with_block_format!(*f, F => quant::weight::<F>(d, i)),
         }
     }
 
@@ -38,7 +40,7 @@ impl WeightView<'_> {
             WeightView::F32(d) => d.len(),
             WeightView::F16(d) => d.len(),
             WeightView::Bf16(d) => d.len(),
-            WeightView::Q8_0(d) => d.len() / Q8_0_BLOCK_BYTES * Q8_0_BLOCK,
+            WeightView::Blocks(f, d) => with_block_format!(*f, F => d.len() / F::BYTES * F::WEIGHTS),
         }
     }
 
@@ -55,11 +57,13 @@ impl WeightView<'_> {
                 use half::slice::HalfFloatSliceExt;
                 d[start..end].convert_to_f32_slice(out)
             }
-            WeightView::Q8_0(_) => {
-                for (i, o) in out.iter_mut().enumerate() {
-                    *o = self.get(start + i);
-                }
-            }
+            WeightView::Blocks(f, d) => with_block_format!(*f, F => {
+                // Whole blocks around the range, decoded once.
+                let first = start / F::WEIGHTS;
+                let last = end.div_ceil(F::WEIGHTS);
+                let values = quant::dequantize::<F>(&d[first * F::BYTES..last * F::BYTES]);
+                out.copy_from_slice(&values[start - first * F::WEIGHTS..end - first * F::WEIGHTS]);
+            }),
         }
     }
 }
@@ -69,7 +73,7 @@ enum Storage {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
-    Q8_0(Vec<u8>),
+    Blocks(Vec<u8>),
 }
 
 /// A weight matrix W (rows, cols), row-major: a Linear layer's `weight` is (out, in).
@@ -96,7 +100,7 @@ impl Matrix {
             WeightFormat::F32 => Storage::F32(values),
             WeightFormat::F16 => Storage::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
             WeightFormat::Bf16 => Storage::Bf16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
-            WeightFormat::Q8_0 => Storage::Q8_0(quantize_q8_0(&values)),
+            block => Storage::Blocks(with_block_format!(block, F => quant::quantize::<F>(&values))),
         };
         Matrix { rows, cols, format, storage }
     }
@@ -109,13 +113,13 @@ impl Matrix {
                     WeightFormat::F32 => WeightView::F32(bytemuck::cast_slice(bytes)),
                     WeightFormat::F16 => WeightView::F16(bytemuck::cast_slice(bytes)),
                     WeightFormat::Bf16 => WeightView::Bf16(bytemuck::cast_slice(bytes)),
-                    WeightFormat::Q8_0 => WeightView::Q8_0(bytes),
+                    block => WeightView::Blocks(block, bytes),
                 }
             }
             Storage::F32(v) => WeightView::F32(v),
             Storage::F16(v) => WeightView::F16(v),
             Storage::Bf16(v) => WeightView::Bf16(v),
-            Storage::Q8_0(v) => WeightView::Q8_0(v),
+            Storage::Blocks(v) => WeightView::Blocks(self.format, v),
         }
     }
 

@@ -19,6 +19,10 @@ const WEIGHTS_F32: &str = include_str!("../../../../shaders/weights_f32.wgsl");
 const WEIGHTS_F16: &str = include_str!("../../../../shaders/weights_f16.wgsl");
 const WEIGHTS_BF16: &str = include_str!("../../../../shaders/weights_bf16.wgsl");
 const WEIGHTS_Q8_0: &str = include_str!("../../../../shaders/weights_q8_0.wgsl");
+const WEIGHTS_Q4_0: &str = include_str!("../../../../shaders/weights_q4_0.wgsl");
+const WEIGHTS_Q5_0: &str = include_str!("../../../../shaders/weights_q5_0.wgsl");
+const WEIGHTS_Q4_K: &str = include_str!("../../../../shaders/weights_q4_k.wgsl");
+const WEIGHTS_Q6_K: &str = include_str!("../../../../shaders/weights_q6_k.wgsl");
 
 /// (output rows, batch rows) per matrix-product workgroup, by kernel variant.
 pub const MATMUL_TILES: [(u32, u32); 3] = [(1, 1), (4, 8), (8, 8)];
@@ -67,7 +71,7 @@ pub enum KernelId {
 impl KernelId {
     /// Every variant, for shader validation.
     pub fn all() -> Vec<KernelId> {
-        let formats = [WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16, WeightFormat::Q8_0];
+        let formats = WeightFormat::ALL;
         let mut all: Vec<KernelId> = formats
             .iter()
             .flat_map(|&f| {
@@ -153,6 +157,10 @@ fn weight_snippet(format: WeightFormat, name: &str, binding: u32) -> String {
         WeightFormat::F16 => WEIGHTS_F16,
         WeightFormat::Bf16 => WEIGHTS_BF16,
         WeightFormat::Q8_0 => WEIGHTS_Q8_0,
+        WeightFormat::Q4_0 => WEIGHTS_Q4_0,
+        WeightFormat::Q5_0 => WEIGHTS_Q5_0,
+        WeightFormat::Q4K => WEIGHTS_Q4_K,
+        WeightFormat::Q6K => WEIGHTS_Q6_K,
     };
     template.replace("$W", name).replace("$B", &binding.to_string())
 }

@@ -1,6 +1,6 @@
 //! The GPU backend through wgpu: WGSL kernels (`shaders/`) on Metal (macOS) or Vulkan (Linux).
 //!
-//! Weights are uploaded once in their held format (f32, f16, bf16 or q8_0; arithmetic is f32) and
+//! Weights are uploaded once in their held format (f32, f16, bf16 or a block format; arithmetic is f32) and
 //! split by rows into several buffers when larger than one storage binding. A forward step
 //! records one compute pass and is submitted once, at the read of its logits.
 
@@ -328,7 +328,7 @@ impl Backend for WgpuBackend {
         if cols % 4 != 0 {
             return Err(EngineError::tensor("", t.name, format!("rows of {cols} elements: the GPU backend needs a multiple of 4")));
         }
-        if matches!(format, WeightFormat::F16 | WeightFormat::Q8_0) && !self.gpu.f16_in_f32 {
+        if format != WeightFormat::F32 && format != WeightFormat::Bf16 && !self.gpu.f16_in_f32 {
             return Err(gpu_error(format!("{} cannot unpack f16 in shaders (no SHADER_F16_IN_F32); use weights=\"f32\" or \"bf16\"", self.gpu.name())));
         }
         let row_bytes = format.row_bytes(cols) as u64;

@@ -36,7 +36,7 @@ unsafe fn load_bf16(p: *const bf16) -> __m256 {
 /// Fixed-order horizontal sum: (lo + hi) lanes, then pairs, then the last two.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
     let one = _mm_add_ss(pair, _mm_shuffle_ps::<1>(pair, pair));
@@ -87,7 +87,6 @@ pub unsafe fn tile(w: WeightView<'_>, row0: usize, cols: usize, x: *const f32, n
         WeightView::F32(d) => dispatch!(tile_f32, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
         WeightView::F16(d) => dispatch!(tile_f16, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
         WeightView::Bf16(d) => dispatch!(tile_bf16, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
-        // No int8 kernel yet: the plain-Rust one (same order on every path of this machine).
-        WeightView::Q8_0(_) => super::portable::tile(w, row0, cols, x, nr, nb, out, ldo),
+        WeightView::Blocks(..) => unreachable!("block formats take the int8 kernels"),
     }
 }

@@ -6,7 +6,6 @@
 use half::{bf16, f16};
 
 use crate::backend::cpu::weights::WeightView;
-use crate::tensor::{Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
 
 /// A stored weight element, widened to f32.
 pub trait WeightElem: Copy {
@@ -57,7 +56,7 @@ pub fn f16_bits_to_f32(h: u16) -> f32 {
 /// compute the same values as the AVX2+FMA kernels; multiply-then-add elsewhere (a software
 /// fused multiply-add would be far slower).
 #[inline(always)]
-fn lane_fma(a: f32, b: f32, c: f32) -> f32 {
+pub(super) fn lane_fma(a: f32, b: f32, c: f32) -> f32 {
     #[cfg(target_arch = "aarch64")]
     return a.mul_add(b, c);
     #[cfg(not(target_arch = "aarch64"))]
@@ -66,7 +65,7 @@ fn lane_fma(a: f32, b: f32, c: f32) -> f32 {
 
 /// The fixed horizontal sum of 8 lanes (the order the AVX2 kernels use too).
 #[inline(always)]
-fn lane_sum(lanes: &[f32; 8]) -> f32 {
+pub(super) fn lane_sum(lanes: &[f32; 8]) -> f32 {
     let quad = [lanes[0] + lanes[4], lanes[1] + lanes[5], lanes[2] + lanes[6], lanes[3] + lanes[7]];
     (quad[0] + quad[2]) + (quad[1] + quad[3])
 }
@@ -112,45 +111,7 @@ pub unsafe fn tile(w: WeightView<'_>, row0: usize, cols: usize, x: *const f32, n
         WeightView::F32(d) => dispatch!(f32_tile, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
         WeightView::F16(d) => dispatch!(f16_tile, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
         WeightView::Bf16(d) => dispatch!(bf16_tile, nr, nb, d.as_ptr().add(row0 * cols), cols, x, out, ldo),
-        WeightView::Q8_0(d) => dispatch!(q8_0_tile, nr, nb, d.as_ptr().add(row0 * (cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES)), cols, x, out, ldo),
-    }
-}
-
-/// The tile for Q8_0 rows (cols a multiple of 32): each group of 8 weights is d * q, exact in
-/// f32, summed in the lanes and order of `tile_kernel`, so a product equals the f32 product
-/// of the dequantized weights on this path.
-unsafe fn q8_0_tile<const R: usize, const B: usize>(w: *const u8, cols: usize, x: *const f32, out: *mut f32, ldo: usize) {
-    let row_bytes = cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
-    let mut acc = [[[0f32; 8]; B]; R];
-    let mut wv = [[0f32; 8]; R];
-    for blk in 0..cols / Q8_0_BLOCK {
-        let mut d = [0f32; R];
-        for r in 0..R {
-            let p = w.add(r * row_bytes + blk * Q8_0_BLOCK_BYTES);
-            d[r] = f16_bits_to_f32(u16::from_le_bytes([*p, *p.add(1)]));
-        }
-        for g in 0..Q8_0_BLOCK / 8 {
-            let k = blk * Q8_0_BLOCK + g * 8;
-            for r in 0..R {
-                let q = std::slice::from_raw_parts(w.add(r * row_bytes + blk * Q8_0_BLOCK_BYTES + 2 + g * 8), 8);
-                for l in 0..8 {
-                    wv[r][l] = d[r] * (q[l] as i8) as f32;
-                }
-            }
-            for b in 0..B {
-                let xr = std::slice::from_raw_parts(x.add(b * cols + k), 8);
-                for r in 0..R {
-                    for l in 0..8 {
-                        acc[r][b][l] = lane_fma(wv[r][l], xr[l], acc[r][b][l]);
-                    }
-                }
-            }
-        }
-    }
-    for r in 0..R {
-        for b in 0..B {
-            *out.add(b * ldo + r) = lane_sum(&acc[r][b]);
-        }
+        WeightView::Blocks(..) => unreachable!("block formats take the int8 kernels"),
     }
 }
 

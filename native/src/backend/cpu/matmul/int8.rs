@@ -1,0 +1,167 @@
+//! Products of block-quantized weights (`crate::quant`) with activations quantized to int8.
+//!
+//! Each row of x is quantized in groups of 32 (x_j ~ d * q_j, d = max|x| / 127, q rounded
+//! half away from zero), once per product. A weight group decodes to integers and scales
+//! (w_j = scale[j / 16] * q_j - min), so the product of one weight group with one activation
+//! group is eight exact integer lane sums L_l = sum of w_q * x_q over j = 4l .. 4l + 3, then
+//!     acc_l = fma(scale[l / 4] * d, L_l, acc_l)        (eight f32 lanes)
+//!     acc_min = fma(min * d, sum_j x_q, acc_min)        (formats with an offset)
+//! over the row's groups in order, and the output is lane_sum(acc) - acc_min. That order is
+//! fixed whatever the batch, tile or thread, so batch invariance holds bit for bit. The AVX2
+//! kernels take the integer sums with `maddubs`/`madd` (|w| times x signed by w); the
+//! portable kernels compute the same integers in plain Rust (NEON on aarch64).
+
+use super::portable::{lane_fma, lane_sum};
+use crate::quant::{BlockFormat, GROUP};
+use crate::tensor::WeightFormat;
+use crate::with_block_format;
+
+/// 32 activations as int8: x_j ~ d * q_j, and sum = sum of q_j.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ActGroup {
+    pub d: f32,
+    pub sum: i32,
+    pub q: [i8; GROUP],
+}
+
+/// The groups of every row of x (batch, cols), row after row; cols is a multiple of 32.
+pub fn quantize_acts(x: &[f32], cols: usize) -> Vec<ActGroup> {
+    debug_assert_eq!(cols % GROUP, 0);
+    x.chunks_exact(GROUP)
+        .map(|v| {
+            let amax = v.iter().fold(0f32, |m, a| m.max(a.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let q: [i8; GROUP] = std::array::from_fn(|j| (v[j] * id).round() as i8);
+            ActGroup { d, sum: q.iter().map(|&v| v as i32).sum(), q }
+        })
+        .collect()
+}
+
+/// One portable register tile: weight rows starting at `w` (stride `row_bytes`) against B
+/// rows of activation groups starting at `acts` (stride `groups`).
+unsafe fn tile_portable<F: BlockFormat, const R: usize, const B: usize>(w: *const u8, row_bytes: usize, groups: usize, acts: *const ActGroup, out: *mut f32, ldo: usize) {
+    let per_block = F::WEIGHTS / GROUP;
+    let mut acc = [[[0f32; 8]; B]; R];
+    let mut acc_min = [[0f32; B]; R];
+    for g in 0..groups {
+        let offset = g / per_block * F::BYTES;
+        let wg: [crate::quant::Group; R] = std::array::from_fn(|r| F::group(std::slice::from_raw_parts(w.add(r * row_bytes + offset), F::BYTES), g % per_block));
+        for b in 0..B {
+            let a = &*acts.add(b * groups + g);
+            for r in 0..R {
+                let mut lanes = [0i32; 8];
+                for (l, lane) in lanes.iter_mut().enumerate() {
+                    for j in 4 * l..4 * l + 4 {
+                        *lane += wg[r].q[j] as i32 * a.q[j] as i32;
+                    }
+                }
+                for l in 0..8 {
+                    acc[r][b][l] = lane_fma(wg[r].scale[l / 4] * a.d, lanes[l] as f32, acc[r][b][l]);
+                }
+                if F::HAS_MIN {
+                    acc_min[r][b] = lane_fma(wg[r].min * a.d, a.sum as f32, acc_min[r][b]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for b in 0..B {
+            *out.add(b * ldo + r) = lane_sum(&acc[r][b]) - acc_min[r][b];
+        }
+    }
+}
+
+unsafe fn portable_of<F: BlockFormat>(nr: usize, nb: usize, w: *const u8, row_bytes: usize, groups: usize, acts: *const ActGroup, out: *mut f32, ldo: usize) {
+    match (nr, nb) {
+        (1, 1) => tile_portable::<F, 1, 1>(w, row_bytes, groups, acts, out, ldo),
+        (1, 2) => tile_portable::<F, 1, 2>(w, row_bytes, groups, acts, out, ldo),
+        (2, 1) => tile_portable::<F, 2, 1>(w, row_bytes, groups, acts, out, ldo),
+        (2, 2) => tile_portable::<F, 2, 2>(w, row_bytes, groups, acts, out, ldo),
+        (3, 1) => tile_portable::<F, 3, 1>(w, row_bytes, groups, acts, out, ldo),
+        (3, 2) => tile_portable::<F, 3, 2>(w, row_bytes, groups, acts, out, ldo),
+        (4, 1) => tile_portable::<F, 4, 1>(w, row_bytes, groups, acts, out, ldo),
+        (4, 2) => tile_portable::<F, 4, 2>(w, row_bytes, groups, acts, out, ldo),
+        _ => unreachable!("tile {nr}x{nb} out of range"),
+    }
+}
+
+/// Portable tile for `format`: weight rows row0.. (nr of them) against nb activation rows.
+pub unsafe fn tile(format: WeightFormat, bytes: &[u8], row0: usize, cols: usize, acts: *const ActGroup, nr: usize, nb: usize, out: *mut f32, ldo: usize) {
+    let row_bytes = format.row_bytes(cols);
+    let w = bytes.as_ptr().add(row0 * row_bytes);
+    with_block_format!(format, F => portable_of::<F>(nr, nb, w, row_bytes, cols / GROUP, acts, out, ldo))
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::ActGroup;
+    use crate::backend::cpu::matmul::avx2::hsum;
+    use crate::quant::{q4_0, q4_k, q5_0, q6_k, q8_0, BlockFormat, GROUP};
+    use crate::tensor::WeightFormat;
+
+    macro_rules! avx2_tile {
+        ($name:ident, $F:ty, $decode:path) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $name<const R: usize, const B: usize>(w: *const u8, row_bytes: usize, groups: usize, acts: *const ActGroup, out: *mut f32, ldo: usize) {
+                let per_block = <$F>::WEIGHTS / GROUP;
+                let ones = _mm256_set1_epi16(1);
+                let mut acc = [[_mm256_setzero_ps(); B]; R];
+                let mut acc_min = [[0f32; B]; R];
+                for g in 0..groups {
+                    let offset = g / per_block * <$F>::BYTES;
+                    let mut q = [_mm256_setzero_si256(); R];
+                    let mut mag = [_mm256_setzero_si256(); R];
+                    let mut scale = [_mm256_setzero_ps(); R];
+                    let mut min = [0f32; R];
+                    for r in 0..R {
+                        (q[r], scale[r], min[r]) = $decode(w.add(r * row_bytes + offset), g % per_block);
+                        mag[r] = _mm256_sign_epi8(q[r], q[r]);
+                    }
+                    for b in 0..B {
+                        let a = acts.add(b * groups + g);
+                        let xq = _mm256_loadu_si256((*a).q.as_ptr() as *const __m256i);
+                        let d = _mm256_set1_ps((*a).d);
+                        for r in 0..R {
+                            let pairs = _mm256_maddubs_epi16(mag[r], _mm256_sign_epi8(xq, q[r]));
+                            let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                            acc[r][b] = _mm256_fmadd_ps(_mm256_mul_ps(scale[r], d), lanes, acc[r][b]);
+                            if <$F>::HAS_MIN {
+                                acc_min[r][b] = (min[r] * (*a).d).mul_add((*a).sum as f32, acc_min[r][b]);
+                            }
+                        }
+                    }
+                }
+                for r in 0..R {
+                    for b in 0..B {
+                        *out.add(b * ldo + r) = hsum(acc[r][b]) - acc_min[r][b];
+                    }
+                }
+            }
+        };
+    }
+
+    avx2_tile!(tile_q8_0, q8_0::Q8_0, q8_0::avx2::group);
+    avx2_tile!(tile_q4_0, q4_0::Q4_0, q4_0::avx2::group);
+    avx2_tile!(tile_q5_0, q5_0::Q5_0, q5_0::avx2::group);
+    avx2_tile!(tile_q4_k, q4_k::Q4K, q4_k::avx2::group);
+    avx2_tile!(tile_q6_k, q6_k::Q6K, q6_k::avx2::group);
+
+    /// AVX2 tile for `format` (see `super::tile`).
+    pub unsafe fn tile(format: WeightFormat, bytes: &[u8], row0: usize, cols: usize, acts: *const ActGroup, nr: usize, nb: usize, out: *mut f32, ldo: usize) {
+        let row_bytes = format.row_bytes(cols);
+        let w = bytes.as_ptr().add(row0 * row_bytes);
+        let groups = cols / GROUP;
+        match format {
+            WeightFormat::Q8_0 => dispatch!(tile_q8_0, nr, nb, w, row_bytes, groups, acts, out, ldo),
+            WeightFormat::Q4_0 => dispatch!(tile_q4_0, nr, nb, w, row_bytes, groups, acts, out, ldo),
+            WeightFormat::Q5_0 => dispatch!(tile_q5_0, nr, nb, w, row_bytes, groups, acts, out, ldo),
+            WeightFormat::Q4K => dispatch!(tile_q4_k, nr, nb, w, row_bytes, groups, acts, out, ldo),
+            WeightFormat::Q6K => dispatch!(tile_q6_k, nr, nb, w, row_bytes, groups, acts, out, ldo),
+            other => unreachable!("{} is not a block format", other.name()),
+        }
+    }
+}
