@@ -235,6 +235,44 @@ mod tests {
         }
     }
 
+    /// Block formats on every kernel family: each output equals, to f32 rounding, the exact
+    /// product of the dequantized weights with the dequantized int8 activations (so a decoding
+    /// error in any path shows), and each row is bit-identical alone or in the batch.
+    #[test]
+    fn int8_kernels_compute_the_dequantized_product_and_are_batch_invariant() {
+        use crate::tensor::WeightFormat;
+        let (rows, cols, batch) = (29, 512, 7);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let values = random(rows * cols, &mut rng);
+        let x = random(batch * cols, &mut rng);
+        let acts = int8::quantize_acts(&x, cols);
+        let xq: Vec<f64> = acts.iter().flat_map(|a| a.q.iter().map(move |&q| a.d as f64 * q as f64)).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let mut families = vec![Simd::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            families.push(Simd::Avx2);
+        }
+        for format in [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q5_0, WeightFormat::Q4K, WeightFormat::Q6K] {
+            let bytes = crate::with_block_format!(format, F => crate::quant::quantize::<F>(&values));
+            let w = WeightView::Blocks(format, &bytes);
+            for &family in &families {
+                let mut batched = vec![0f32; batch * rows];
+                pool.install(|| matmul_using(family, w, rows, cols, &x, batch, &mut batched));
+                for b in 0..batch {
+                    for r in 0..rows {
+                        let want: f64 = (0..cols).map(|k| w.get(r * cols + k) as f64 * xq[b * cols + k]).sum();
+                        let got = batched[b * rows + r] as f64;
+                        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{} ({}): row {r} batch {b}: {got} vs {want}", format.name(), family as u8);
+                    }
+                    let mut alone = vec![0f32; rows];
+                    matmul_using(family, w, rows, cols, &x[b * cols..(b + 1) * cols], 1, &mut alone);
+                    assert!(alone.iter().zip(&batched[b * rows..(b + 1) * rows]).all(|(p, q)| p.to_bits() == q.to_bits()), "{}: row {b} alone differs", format.name());
+                }
+            }
+        }
+    }
+
     #[test]
     fn portable_kernels_match_reference_and_are_batch_invariant() {
         let (rows, cols) = (37, 203);
