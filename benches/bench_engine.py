@@ -30,6 +30,9 @@ SHAPES = {
     "smoke": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=688, vocab_size=4096),
 }
 
+# Bytes per weight of each held format (block bytes / block weights).
+BYTES_PER_WEIGHT = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q6_k": 210 / 256, "q5_0": 22 / 32, "q4_k": 144 / 256, "q4_0": 18 / 32}
+
 
 def make_model(shape: str, dest: Path, stored_dtype: str) -> None:
     """A LlamaForCausalLM folder with N(0, 0.02) weights (norms 1) stored in `stored_dtype`."""
@@ -87,7 +90,7 @@ def timed_generate(eng, prompts, max_tokens: int) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(SHAPES))
-    ap.add_argument("--weights", default="f16", choices=["f32", "f16", "bf16"])
+    ap.add_argument("--weights", default="f16", choices=sorted(BYTES_PER_WEIGHT) + ["q4_k_m"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--decode-tokens", type=int, default=16, help="tokens generated per sequence in decode runs")
@@ -109,7 +112,8 @@ def main() -> int:
     info = eng.info
     rng = np.random.default_rng(1)
     vocab = info["vocab"]
-    untied_embedding = info["vocab"] * info["hidden_size"] * {"f32": 4, "f16": 2, "bf16": 2}[args.weights]
+    # q4_k_m holds an untied embedding as q4_k
+    untied_embedding = info["vocab"] * info["hidden_size"] * BYTES_PER_WEIGHT[args.weights.replace("q4_k_m", "q4_k")]
     bytes_per_token = info["weight_bytes"] - untied_embedding  # the embedding is read one row per token
     ceiling = bandwidth / bytes_per_token
 
