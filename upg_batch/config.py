@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from upg_batch.limits import sampling_problem
 
 __all__ = ["ConfigError", "JobConfig", "load_config", "OUTPUT_COLUMNS", "OVERRIDE_COLUMNS"]
 
@@ -83,6 +85,15 @@ class SamplingSection(_Section):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
     seed: int | None = Field(None, ge=0, description="Job seed; each row's seed derives from it and the row id.")
     stop: tuple[str, ...] = Field((), strict=False, description="Stop strings.")
+
+    @field_validator("max_tokens", "temperature", "top_p", "top_k", "min_p")
+    @classmethod
+    def _row_limits(cls, value: Any, info: ValidationInfo) -> Any:
+        # the limits every row's values meet (SamplingParams), so no default fails every row
+        problem = sampling_problem(str(info.field_name), value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
