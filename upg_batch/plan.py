@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from upg_batch.config import OVERRIDE_COLUMNS, InputSection, JobConfig
 
-__all__ = ["DatasetError", "InputFile", "Plan", "Shard", "find_files", "make_plan", "read_shard"]
+__all__ = ["DatasetError", "InputFile", "Plan", "Shard", "Unreadable", "find_files", "make_plan", "read_shard", "read_shard_rows"]
 
 
 class DatasetError(ValueError):
@@ -246,22 +246,81 @@ def make_plan(cfg: JobConfig) -> Plan:
     )
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """Rows of a shard whose data cannot be read (a corrupt page): [start, stop) counted from
+    the shard's first row, and why, naming the file and row group."""
+
+    start: int
+    stop: int
+    message: str
+
+
 def read_shard(shard: Shard, columns: Sequence[str]) -> pa.Table:
-    """The shard's rows, only `columns` that the file has, reading only overlapping row groups."""
+    """The shard's rows, only `columns` that the file has, reading only overlapping row groups.
+    Raises on data that cannot be read; `read_shard_rows` turns that into null rows."""
     pf = pq.ParquetFile(shard.file.path)
     present = [c for c in columns if c in pf.schema_arrow.names]
-    groups, first = [], None
+    groups, first = _groups(shard)
+    if not groups:
+        return pf.schema_arrow.empty_table().select(present)
+    table = pf.read_row_groups([g for g, _, _ in groups], columns=present)
+    return table.slice(shard.start - first, shard.rows)
+
+
+def read_shard_rows(shard: Shard, columns: Sequence[str]) -> tuple[pa.Table, list[Unreadable]]:
+    """Like `read_shard`, but data that cannot be read (a corrupt page, a file cut short since
+    it was planned) does not fail: those rows come back null in every column, and each
+    unreadable row group is listed with its rows. The table always has `shard.rows` rows."""
+    path = shard.file.path
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        return _null_table(None, columns, shard.rows), [Unreadable(0, shard.rows, f"{path}: cannot be read ({_printable(e)})")]
+    try:
+        return read_shard(shard, columns), []
+    except (OSError, pa.ArrowException):
+        pass  # find the row groups at fault: read each alone
+    present = [c for c in columns if c in pf.schema_arrow.names]
+    groups, first = _groups(shard)
+    parts: list[pa.Table] = []
+    bad: list[Unreadable] = []
+    for g, lo, hi in groups:
+        try:
+            part = pf.read_row_group(g, columns=present).select(present)
+            if part.num_rows != hi - lo:
+                raise OSError(f"holds {part.num_rows} rows, its metadata says {hi - lo}")
+        except (OSError, pa.ArrowException) as e:
+            part = _null_table(pf.schema_arrow, present, hi - lo)
+            a, b = max(lo, shard.start), min(hi, shard.stop)
+            bad.append(Unreadable(a - shard.start, b - shard.start, f"{path}: row group {g} (rows {lo} to {hi - 1}) cannot be read ({_printable(e)})"))
+        parts.append(part)
+    table = pa.concat_tables(parts).slice(shard.start - first, shard.rows)
+    return table, bad
+
+
+def _groups(shard: Shard) -> tuple[list[tuple[int, int, int]], int]:
+    """The row groups the shard overlaps, as (group, first row, one past its last row) in the
+    file, and the first row of the first of them."""
+    groups: list[tuple[int, int, int]] = []
     offset = 0
     for i, n in enumerate(shard.file.row_group_rows):
         if offset + n > shard.start and offset < shard.stop:
-            groups.append(i)
-            if first is None:
-                first = offset
+            groups.append((i, offset, offset + n))
         offset += n
-    if not groups:
-        return pf.schema_arrow.empty_table().select(present)
-    table = pf.read_row_groups(groups, columns=present)
-    return table.slice(shard.start - (first or 0), shard.rows)
+    return groups, groups[0][1] if groups else 0
+
+
+def _null_table(schema: pa.Schema | None, columns: Sequence[str], rows: int) -> pa.Table:
+    """`rows` null rows of `columns` (typed as in `schema` where it has them, else null)."""
+    names = [c for c in columns if schema is None or c in schema.names]
+    types = [schema.field(c).type if schema is not None else pa.null() for c in names]
+    return pa.table({c: pa.nulls(rows, t) for c, t in zip(names, types)}) if names else pa.table({"_": pa.nulls(rows)}).select([])
+
+
+def _printable(e: BaseException) -> str:
+    """The first line of an error, control characters (from bytes of a corrupt file) as '?'."""
+    return "".join(c if c.isprintable() else "?" for c in _first_line(e))
 
 
 def _first_line(e: BaseException) -> str:
