@@ -307,3 +307,37 @@ def test_a_corrupt_data_page_becomes_error_rows_and_the_job_completes(tmp_path: 
     m = read_committed(out)
     assert sum(e["errors"] for e in m["shards"].values()) == 8 and not any(e.get("failed") for e in m["shards"].values())
     assert main(["run", str(job)]) == 0  # a rerun is a no-op, not a failure
+
+
+@pytest.mark.parametrize("damage", ["rm -rf out", "rm out/part-*"])
+def test_output_removed_mid_job_fails_the_run_and_a_rerun_repairs_it(tmp_path: Path, capsys, monkeypatch, damage: str):
+    import shutil
+
+    from upg_batch.commit import Committer
+
+    f = write_prompts(tmp_path / "d.parquet", 24)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, f, out, input={"shard_rows": 8}, cluster={"shards_in_flight": 1})
+    commit = Committer.commit
+
+    def commit_then_damage(self, index, batch, info):
+        seconds = commit(self, index, batch, info)
+        if len(self.shards) == 1:  # the first commit of the run is in: now the damage
+            if damage == "rm -rf out":
+                shutil.rmtree(out)
+            else:  # the shell's glob skips hidden files: the lock file stays
+                for p in out.glob("part-*"):
+                    p.unlink()
+        return seconds
+
+    monkeypatch.setattr(Committer, "commit", commit_then_damage)
+    assert main(["run", str(job)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("upg-batch: error: ") and str(out) in last and "run it again" in last
+    expect = "output folder was removed or replaced" if damage == "rm -rf out" else "recorded part files are missing or changed size"
+    assert expect in last
+    assert not (out / SUCCESS).exists()
+    monkeypatch.undo()
+    assert main(["run", str(job)]) == 0  # the rerun repairs the output
+    assert sorted(read_output(out).column("id").to_pylist()) == list(range(24))
+    assert (out / SUCCESS).exists() and len(read_committed(out)["shards"]) == 3
