@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from upg_batch.jobyaml import load_yaml
 from upg_batch.limits import sampling_problem
 
 __all__ = ["ConfigError", "JobConfig", "load_config", "OUTPUT_COLUMNS", "OVERRIDE_COLUMNS"]
@@ -167,8 +168,10 @@ def load_config(path: str | os.PathLike[str]) -> JobConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the job file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: the job file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)  # safe_load, refusing duplicate keys and runaway nesting
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({_one_line(str(e))})") from None
     return parse_config(data, source=str(path)).resolved(path.resolve().parent)
