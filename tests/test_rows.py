@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from conftest import MODEL, MSG_TYPE, corrupt_row_group, write_job, write_prompts
 
 from upg_batch.chat import load_chat_template
@@ -197,3 +198,19 @@ def test_validate_names_a_corrupt_row_group(tmp_path: Path, capsys):
     [line] = [ln for ln in out.splitlines() if ln.startswith("unreadable")]
     assert f"{f}: row group 1 (rows 8 to 15) cannot be read" in line
     assert "8 rows would be error rows (unreadable: 8)" in out
+
+
+def test_dictionary_encoded_prompt_and_id_columns_run(tmp_path: Path):
+    f = tmp_path / "cat.parquet"
+    prompts = pa.array(["Row 0: hello", "Row 1: again", "Row 0: hello", None]).dictionary_encode()
+    pq.write_table(pa.table({"id": pa.array(["a", "b", "c", "d"]).dictionary_encode(), "prompt": prompts, "label": prompts}), f)
+    cfg = load_config(write_job(tmp_path, f, output={"passthrough": ["label"]}))
+    plan = make_plan(cfg)
+    spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types))))
+    engine = Engine(MODEL, max_batch=8)
+    result = run_rows(engine, Prompting(engine, None), plan.shards[0], spec, SamplingParams)
+    rows = result.batch.to_pylist()
+    assert result.batch.schema.field("id").type == pa.string() and result.batch.schema.field("label").type == pa.string()
+    assert [r["id"] for r in rows] == ["a", "b", "c", "d"] and [r["label"] for r in rows] == ["Row 0: hello", "Row 1: again", "Row 0: hello", None]
+    assert [r["error"] is None for r in rows] == [True, True, True, False] and "prompt is null" in rows[3]["error"]
+    assert rows[0]["completion"] == rows[2]["completion"]

@@ -121,7 +121,13 @@ def _glob_root(pattern: str) -> str:
 
 
 def _is_string(t: pa.DataType) -> bool:
+    t = _decoded(t)
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def _decoded(t: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded column's value type (what its values are); other types as they are."""
+    return t.value_type if pa.types.is_dictionary(t) else t
 
 
 def _is_messages(t: pa.DataType) -> bool:
@@ -135,6 +141,7 @@ def _is_messages(t: pa.DataType) -> bool:
 
 
 def _override_ok(name: str, t: pa.DataType) -> bool:
+    t = _decoded(t)
     if pa.types.is_null(t):
         return True
     if name in ("max_tokens", "top_k", "seed"):
@@ -159,7 +166,9 @@ _EXPECT = {
 
 
 def _normalize(t: pa.DataType) -> pa.DataType:
-    """Types equal up to string/large_string widths compare equal across files."""
+    """Types equal up to string/large_string widths and dictionary encoding compare equal
+    across files (the output holds plain values)."""
+    t = _decoded(t)
     if pa.types.is_large_string(t):
         return pa.string()
     return t
