@@ -131,3 +131,15 @@ def test_dictionary_encoded_string_columns_are_accepted(tmp_path: Path):
     plan = _plan(tmp_path, f, output={"passthrough": ["label"]})
     assert plan.id_type == pa.string() and plan.passthrough_types == (pa.string(),)
     assert plan.columns.prompt == "prompt" and plan.columns.overrides == ("stop",)
+
+
+def test_cli_run_names_an_output_path_that_is_a_file(tmp_path: Path, capsys):
+    f = write_prompts(tmp_path / "a.parquet", 2)
+    taken = tmp_path / "results"
+    taken.write_text("a file, not a folder")
+    for out in (taken, taken / "sub"):
+        job = write_job(tmp_path, f, out=out)
+        assert main(["run", str(job)]) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert f"output.path {out}: {taken} is a file, not a folder" in line
+    assert taken.read_text() == "a file, not a folder"
