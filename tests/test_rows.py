@@ -214,3 +214,24 @@ def test_dictionary_encoded_prompt_and_id_columns_run(tmp_path: Path):
     assert [r["id"] for r in rows] == ["a", "b", "c", "d"] and [r["label"] for r in rows] == ["Row 0: hello", "Row 1: again", "Row 0: hello", None]
     assert [r["error"] is None for r in rows] == [True, True, True, False] and "prompt is null" in rows[3]["error"]
     assert rows[0]["completion"] == rows[2]["completion"]
+
+
+def test_readable_ids_of_a_row_group_with_one_corrupt_column_are_kept(tmp_path: Path):
+    import pyarrow.parquet as pq_
+
+    f = write_prompts(tmp_path / "c.parquet", 16, row_group_size=8)
+    col = pq_.read_metadata(f).row_group(1).column(1)  # the prompt column of rows 8 to 15
+    assert col.path_in_schema == "prompt"
+    with open(f, "r+b") as fh:
+        fh.seek(col.data_page_offset)
+        fh.write(b"\xff" * 16)
+    cfg = load_config(write_job(tmp_path, f, input={"shard_rows": 16}))
+    plan = make_plan(cfg)
+    spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, []))
+    batch = error_batch(plan.shards[0], spec, "shard failed")
+    assert batch.column("id").to_pylist() == list(range(16))
+    engine = Engine(MODEL, max_batch=8)
+    prep = prepare_rows(engine, Prompting(engine, None), plan.shards[0], spec, SamplingParams)
+    assert prep.ids.to_pylist() == list(range(16)) and [i for i, _, _ in prep.todo] == list(range(8))
+    assert prep.kind[8:] == ["unreadable"] * 8
+    assert f"{f}: row group 1 (rows 8 to 15) cannot be read (column 'prompt': " in prep.error[8]

@@ -279,8 +279,9 @@ def read_shard(shard: Shard, columns: Sequence[str]) -> pa.Table:
 
 def read_shard_rows(shard: Shard, columns: Sequence[str]) -> tuple[pa.Table, list[Unreadable]]:
     """Like `read_shard`, but data that cannot be read (a corrupt page, a file cut short since
-    it was planned) does not fail: those rows come back null in every column, and each
-    unreadable row group is listed with its rows. The table always has `shard.rows` rows."""
+    it was planned) does not fail: each row group at fault is listed with its rows, and its
+    columns that cannot be read come back null (those that can, ids say, keep their values).
+    The table always has `shard.rows` rows."""
     path = shard.file.path
     try:
         pf = pq.ParquetFile(path)
@@ -289,23 +290,45 @@ def read_shard_rows(shard: Shard, columns: Sequence[str]) -> tuple[pa.Table, lis
     try:
         return read_shard(shard, columns), []
     except (OSError, pa.ArrowException):
-        pass  # find the row groups at fault: read each alone
+        pass  # find the row groups (and columns) at fault: read each alone
     present = [c for c in columns if c in pf.schema_arrow.names]
     groups, first = _groups(shard)
     parts: list[pa.Table] = []
     bad: list[Unreadable] = []
     for g, lo, hi in groups:
-        try:
-            part = pf.read_row_group(g, columns=present).select(present)
-            if part.num_rows != hi - lo:
-                raise OSError(f"holds {part.num_rows} rows, its metadata says {hi - lo}")
-        except (OSError, pa.ArrowException) as e:
-            part = _null_table(pf.schema_arrow, present, hi - lo)
+        part, cause = _read_group(pf, g, present, hi - lo)
+        if cause is not None:
             a, b = max(lo, shard.start), min(hi, shard.stop)
-            bad.append(Unreadable(a - shard.start, b - shard.start, f"{path}: row group {g} (rows {lo} to {hi - 1}) cannot be read ({_printable(e)})"))
+            bad.append(Unreadable(a - shard.start, b - shard.start, f"{path}: row group {g} (rows {lo} to {hi - 1}) cannot be read ({cause})"))
         parts.append(part)
     table = pa.concat_tables(parts).slice(shard.start - first, shard.rows)
     return table, bad
+
+
+def _read_group(pf: pq.ParquetFile, group: int, columns: list[str], rows: int) -> tuple[pa.Table, str | None]:
+    """One row group's `columns`, and None; or, when some cannot be read, the group with those
+    columns null and why."""
+    try:
+        part = pf.read_row_group(group, columns=columns).select(columns)
+        if part.num_rows == rows:
+            return part, None
+        whole = f"it holds {part.num_rows} rows, the footer says {rows}"
+    except (OSError, pa.ArrowException) as e:
+        whole = _printable(e)
+    arrays, failed = [], []
+    for c in columns:
+        try:
+            col = pf.read_row_group(group, columns=[c]).column(c)
+            if len(col) != rows:
+                raise OSError(f"it holds {len(col)} rows, the footer says {rows}")
+        except (OSError, pa.ArrowException) as e:
+            col = pa.chunked_array([pa.nulls(rows, pf.schema_arrow.field(c).type)])
+            failed.append((c, _printable(e)))
+        arrays.append(col)
+    if not failed or len(failed) == len(columns):  # no column alone is at fault: all of them are null
+        return _null_table(pf.schema_arrow, columns, rows), whole
+    names = ", ".join(f"'{c}'" for c, _ in failed)
+    return pa.table(dict(zip(columns, arrays))), f"column {names}: {failed[0][1]}"
 
 
 def _groups(shard: Shard) -> tuple[list[tuple[int, int, int]], int]:
