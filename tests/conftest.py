@@ -29,6 +29,17 @@ def write_prompts(path: Path, n: int, start: int = 0, row_group_size: int | None
     return path
 
 
+def corrupt_row_group(path: Path, group: int) -> None:
+    """Overwrite the start of every data page of one row group with garbage: the footer stays
+    valid (planning reads it), reading that group's columns fails."""
+    meta = pq.read_metadata(path)
+    rg = meta.row_group(group)
+    with open(path, "r+b") as f:
+        for c in range(rg.num_columns):
+            f.seek(rg.column(c).data_page_offset)
+            f.write(b"\xff" * 16)
+
+
 def write_job(tmp: Path, data: str | Path, out: str | Path = "out", **sections: dict[str, Any]) -> Path:
     """A job file in `tmp`; `sections` update the defaults section by section."""
     job: dict[str, Any] = {

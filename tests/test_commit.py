@@ -11,7 +11,7 @@ import pytest
 from conftest import output_files, read_output
 
 import upg_batch.commit as commit_mod
-from upg_batch.commit import LOG, LOCK, MANIFEST, SUCCESS, Committer, OutputError, read_committed
+from upg_batch.commit import LOG, LOCK, MANIFEST, SUCCESS, CommitError, Committer, OutputError, read_committed
 
 FP = {"config": "c1", "model": "m1", "dataset": "d1", "job": "j1"}
 
@@ -356,3 +356,90 @@ def test_close_folds_the_log_into_the_snapshot(tmp_path: Path):
     c.close()  # a run that stopped early (an error) but exited cleanly
     assert not (out / LOG).exists()
     assert set(json.loads((out / MANIFEST).read_text())["shards"]) == {"0"}
+
+
+def test_the_folder_removed_mid_run_stops_the_run_and_a_rerun_starts_over(tmp_path: Path):
+    import shutil
+
+    out = tmp_path / "out"
+    c = Committer(out, FP, 3, "arrow")
+    _commit(c, 0, [0])
+    shutil.rmtree(out)  # rm -rf while the job runs
+    with pytest.raises(CommitError, match="output folder was removed or replaced.*run it again"):
+        _commit(c, 1, [1])
+    with pytest.raises(CommitError, match="output folder was removed or replaced"):
+        c.finish({"status": "complete"})
+    c.close()
+    assert not out.exists()  # nothing written into (or recreating) the removed folder
+    c = Committer(out, FP, 3, "arrow")  # the rerun
+    assert not c.is_committed(0)
+    for i in range(3):
+        _commit(c, i, [i])
+    c.finish({"status": "complete"})
+    c.close()
+    assert sorted(read_output(out).column("id").to_pylist()) == [0, 1, 2] and (out / SUCCESS).exists()
+
+
+def test_the_folder_emptied_mid_run_stops_the_run_before_it_writes_again(tmp_path: Path):
+    out = tmp_path / "out"
+    c = Committer(out, FP, 2, "arrow")
+    _commit(c, 0, [0])
+    for n in os.listdir(out):  # rm -rf out/* out/.*: the lock file goes too
+        os.unlink(out / n)
+    with pytest.raises(CommitError, match=f"lock file {LOCK} was removed or replaced"):
+        _commit(c, 1, [1])
+    c.close()
+    assert os.listdir(out) == []
+    c = Committer(out, FP, 2, "arrow")
+    assert not c.is_committed(0) and not c.is_committed(1)
+    c.close()
+
+
+@pytest.mark.parametrize("damage", ["remove", "truncate"])
+def test_finish_checks_every_recorded_part_file_before_success(tmp_path: Path, damage: str):
+    out = tmp_path / "out"
+    c = Committer(out, FP, 3, "arrow")
+    for i in range(3):
+        _commit(c, i, [i])
+    part = out / "part-000001.arrow"
+    if damage == "remove":  # rm out/*: hidden files (the lock) stay
+        part.unlink()
+    else:
+        os.truncate(part, 10)
+    with pytest.raises(CommitError, match="1 recorded part files are missing or changed size \\(part-000001.arrow\\)"):
+        c.finish({"status": "complete"})
+    c.close()
+    assert not (out / SUCCESS).exists() and not json.loads((out / MANIFEST).read_text())["complete"]
+    c = Committer(out, FP, 3, "arrow")  # the rerun redoes exactly the damaged shard
+    assert [c.is_committed(i) for i in range(3)] == [True, False, True]
+    assert not part.exists()
+    _commit(c, 1, [1])
+    c.finish({"status": "complete"})
+    c.close()
+    assert sorted(read_output(out).column("id").to_pylist()) == [0, 1, 2] and (out / SUCCESS).exists()
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path: Path, monkeypatch):
+    import errno
+
+    out = tmp_path / "out"
+    c = Committer(out, FP, 2, "arrow")
+    _commit(c, 0, [0])
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(commit_mod.os, "fsync", no_space)
+    with pytest.raises(CommitError, match=f"{out / 'part-000001.arrow'}: cannot write \\(No space left on device\\)"):
+        _commit(c, 1, [1])
+    monkeypatch.undo()
+    assert not c.is_committed(1) and not any(n.startswith(".tmp-") for n in os.listdir(out))
+    c.close()
+
+
+@pytest.mark.parametrize("sub", ["", "inner"])
+def test_an_output_path_that_is_a_file_is_named(tmp_path: Path, sub: str):
+    f = tmp_path / "taken"
+    f.write_text("a file")
+    with pytest.raises(OutputError, match=f"output.path {f / sub if sub else f}: {f} is a file, not a folder"):
+        Committer(f / sub if sub else f, FP, 1, "arrow")

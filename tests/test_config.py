@@ -187,3 +187,65 @@ def test_help_everywhere(argv, capsys):
         main(argv)
     assert e.value.code == 0
     assert "usage: upg-batch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("temperature: .inf", "sampling.temperature"),
+        ("temperature: .nan", "sampling.temperature"),
+        ("max_tokens: 100000000000000000000", "sampling.max_tokens"),
+        ("max_tokens: 1e20", "sampling.max_tokens"),
+        ("max_tokens: 1.0e+20", "sampling.max_tokens"),
+        ("max_tokens: 2147483648", "sampling.max_tokens"),
+        ("top_k: 2147483648", "sampling.top_k"),
+        ("min_p: .inf", "sampling.min_p"),
+    ],
+)
+def test_out_of_range_sampling_fails_at_config_time(tmp_path: Path, capsys, text, field):
+    """The job's sampling values meet the limits a row's values meet: an infinite temperature
+    or a max_tokens past 2**31 - 1 is a bad job (exit 2), not a job of error rows."""
+    p = tmp_path / "job.yaml"
+    p.write_text(f"model: {{path: m}}\ninput: {{path: d}}\noutput: {{path: o}}\nsampling: {{{text}}}\n")
+    assert main(["run", str(p)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"'{field}'" in line
+
+
+def test_sampling_limits_are_the_ones_a_row_meets():
+    from upg_batch.engine import SamplingParams
+
+    assert parse_config(_with("sampling", max_tokens=2**31 - 1, top_k=2**31 - 1)).sampling.max_tokens == 2**31 - 1
+    SamplingParams(max_tokens=2**31 - 1, top_k=2**31 - 1)
+    for name, value in (("max_tokens", 2**31), ("temperature", float("inf")), ("top_k", 2**31)):
+        with pytest.raises(ConfigError, match=f"'sampling.{name}'"):
+            parse_config(_with("sampling", **{name: value}))
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**{name: value})
+
+
+@pytest.mark.parametrize(
+    "content, expect",
+    [
+        ("model: {path: café}\ninput: {path: d}\noutput: {path: o}\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 17)"),
+        (("a: " + "[" * 5000 + "]" * 5000 + "\n").encode(), "nested deeper than 64 levels"),
+        ("".join(" " * i + "k:\n" for i in range(5000)).encode(), "nested deeper than 64 levels"),
+        (b"model: {path: m}\ninput: {path: d}\noutput: {path: o}\nsampling:\n  max_tokens: 5\n  max_tokens: 6\n", "duplicate key 'sampling.max_tokens' (line 6; first given on line 5)"),
+        (b"model: {path: m}\ninput: {path: d}\noutput: {path: o}\nmodel: {path: x}\n", "duplicate key 'model' (line 4; first given on line 1)"),
+    ],
+    ids=["latin-1", "nested-flow", "nested-block", "duplicate-field", "duplicate-section"],
+)
+def test_a_job_file_that_cannot_be_read_as_a_job_is_named(tmp_path: Path, capsys, content: bytes, expect: str):
+    p = tmp_path / "job.yaml"
+    p.write_bytes(content)
+    for command in ("run", "validate"):
+        assert main([command, str(p)]) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"upg-batch: error: {p}: ") and expect in line, line
+
+
+def test_yaml_merges_and_aliases_are_not_duplicates(tmp_path: Path):
+    p = tmp_path / "job.yaml"
+    p.write_text("model: {path: m}\ninput: &in {path: d}\noutput: {<<: *in, path: o}\nsampling: {stop: &s [a], max_tokens: 3}\n")
+    cfg = load_config(p)
+    assert cfg.output.path == tmp_path / "o" and cfg.sampling.stop == ("a",)

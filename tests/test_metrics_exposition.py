@@ -291,3 +291,20 @@ def test_stop_waits_for_a_final_scrape_only_when_scraped():
     assert not stopper.is_alive() and m.url is None
     # it returned on the second fresh scrape, not at the end of its budget
     assert waited < budget - 1.0, (waited, watched.waits)
+
+
+def test_an_endpoint_beyond_loopback_is_warned_about(caplog):
+    from upg_batch.metrics import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "[::1]", "localhost", "LOCALHOST"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "192.168.1.2", "metrics.example"))
+    for host, warned in (("127.0.0.1", False), ("0.0.0.0", True)):
+        caplog.clear()
+        m = JobMetrics(model="tiny", host=host, port=free_port(), linger_s=0)
+        with caplog.at_level("WARNING", logger="upg_batch"):
+            m.start()
+        m.stop()
+        lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert bool(lines) == warned, lines
+        if warned:
+            assert "metrics.host 0.0.0.0" in lines[0] and "unauthenticated" in lines[0]

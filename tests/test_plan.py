@@ -119,3 +119,27 @@ def test_cli_run_fails_on_bad_dataset_before_any_work(tmp_path: Path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(f) in err[0] and "'prompt'" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_dictionary_encoded_string_columns_are_accepted(tmp_path: Path):
+    """Parquet written from categoricals (pandas, Polars) stores dictionary-encoded strings:
+    they are strings for the prompt, id, stop and passthrough columns."""
+    f = tmp_path / "cat.parquet"
+    words = pa.array(["a", "b", "a"]).dictionary_encode()
+    pq.write_table(pa.table({"id": pa.array(["x", "y", "z"]).dictionary_encode(), "prompt": words, "stop": words, "label": words}), f)
+    assert pa.types.is_dictionary(pq.read_schema(f).field("prompt").type)
+    plan = _plan(tmp_path, f, output={"passthrough": ["label"]})
+    assert plan.id_type == pa.string() and plan.passthrough_types == (pa.string(),)
+    assert plan.columns.prompt == "prompt" and plan.columns.overrides == ("stop",)
+
+
+def test_cli_run_names_an_output_path_that_is_a_file(tmp_path: Path, capsys):
+    f = write_prompts(tmp_path / "a.parquet", 2)
+    taken = tmp_path / "results"
+    taken.write_text("a file, not a folder")
+    for out in (taken, taken / "sub"):
+        job = write_job(tmp_path, f, out=out)
+        assert main(["run", str(job)]) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert f"output.path {out}: {taken} is a file, not a folder" in line
+    assert taken.read_text() == "a file, not a folder"

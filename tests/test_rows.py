@@ -8,7 +8,8 @@ import logging
 from pathlib import Path
 
 import pyarrow as pa
-from conftest import MODEL, MSG_TYPE, write_job, write_prompts
+import pyarrow.parquet as pq
+from conftest import MODEL, MSG_TYPE, corrupt_row_group, write_job, write_prompts
 
 from upg_batch.chat import load_chat_template
 from upg_batch.cli import main
@@ -16,7 +17,7 @@ from upg_batch.config import load_config
 from upg_batch.engine import Engine, EngineError, SamplingParams
 from upg_batch.plan import make_plan
 from upg_batch.progress import Progress, format_summary
-from upg_batch.rows import Prompting, WorkSpec, derive_seed, output_schema, prepare_rows, run_rows
+from upg_batch.rows import Prompting, WorkSpec, derive_seed, error_batch, output_schema, prepare_rows, run_rows
 
 
 def test_derived_seeds_are_stable_and_distinct():
@@ -158,3 +159,79 @@ def test_an_engine_error_from_tokenize_is_one_error_row(tmp_path: Path):
     prep = prepare_rows(engine, Prompting(engine, None), shard, spec, SamplingParams)
     assert prep.error[1] == "EngineError: tokenizer refused this text" and prep.kind[1] == "tokenize"
     assert [i for i, _, _ in prep.todo] == [0, 2, 3]
+
+
+def _corrupt_file(tmp_path: Path) -> Path:
+    """24 rows in row groups of 8; row group 1 (rows 8 to 15) has garbage data pages."""
+    f = write_prompts(tmp_path / "c.parquet", 24, row_group_size=8, label=pa.array([f"L{i}" for i in range(24)]))
+    corrupt_row_group(f, 1)
+    return f
+
+
+def test_rows_of_a_corrupt_row_group_are_error_rows_naming_file_and_group(tmp_path: Path):
+    f = _corrupt_file(tmp_path)
+    cfg = load_config(write_job(tmp_path, f, input={"shard_rows": 12}, output={"passthrough": ["label"]}))
+    plan = make_plan(cfg)  # the footer is fine: planning does not see the damage
+    spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, [("label", pa.string())]))
+    engine = Engine(MODEL, max_batch=8)
+    # shard 0 is rows 0-11: rows 8-11 lie in the corrupt group, rows 0-7 still run
+    result = run_rows(engine, Prompting(engine, None), plan.shards[0], spec, SamplingParams)
+    rows = result.batch.to_pylist()
+    assert [r["id"] for r in rows] == [*range(8), None, None, None, None]
+    for r in rows[8:]:
+        assert r["finish_reason"] == "error" and r["completion"] is None and r["label"] is None
+        assert f"{f}: row group 1 (rows 8 to 15) cannot be read" in r["error"], r
+    assert all(r["error"] is None and r["label"] == f"L{r['id']}" for r in rows[:8])
+    assert result.ok == 8 and result.errors == 4
+    # the driver's error rows for a shard that failed read the same file: no exception either
+    batch = error_batch(plan.shards[1], spec, "shard failed 3 times")
+    rows = batch.to_pylist()
+    assert [r["id"] for r in rows] == [None, None, None, None, *range(16, 24)]
+    assert "row group 1 (rows 8 to 15)" in rows[0]["error"] and rows[-1]["error"] == "shard failed 3 times"
+
+
+def test_validate_names_a_corrupt_row_group(tmp_path: Path, capsys):
+    f = _corrupt_file(tmp_path)
+    job = write_job(tmp_path, f, tmp_path / "out")
+    assert main(["validate", str(job)]) == 0
+    out = capsys.readouterr().out
+    [line] = [ln for ln in out.splitlines() if ln.startswith("unreadable")]
+    assert f"{f}: row group 1 (rows 8 to 15) cannot be read" in line
+    assert "8 rows would be error rows (unreadable: 8)" in out
+
+
+def test_dictionary_encoded_prompt_and_id_columns_run(tmp_path: Path):
+    f = tmp_path / "cat.parquet"
+    prompts = pa.array(["Row 0: hello", "Row 1: again", "Row 0: hello", None]).dictionary_encode()
+    pq.write_table(pa.table({"id": pa.array(["a", "b", "c", "d"]).dictionary_encode(), "prompt": prompts, "label": prompts}), f)
+    cfg = load_config(write_job(tmp_path, f, output={"passthrough": ["label"]}))
+    plan = make_plan(cfg)
+    spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types))))
+    engine = Engine(MODEL, max_batch=8)
+    result = run_rows(engine, Prompting(engine, None), plan.shards[0], spec, SamplingParams)
+    rows = result.batch.to_pylist()
+    assert result.batch.schema.field("id").type == pa.string() and result.batch.schema.field("label").type == pa.string()
+    assert [r["id"] for r in rows] == ["a", "b", "c", "d"] and [r["label"] for r in rows] == ["Row 0: hello", "Row 1: again", "Row 0: hello", None]
+    assert [r["error"] is None for r in rows] == [True, True, True, False] and "prompt is null" in rows[3]["error"]
+    assert rows[0]["completion"] == rows[2]["completion"]
+
+
+def test_readable_ids_of_a_row_group_with_one_corrupt_column_are_kept(tmp_path: Path):
+    import pyarrow.parquet as pq_
+
+    f = write_prompts(tmp_path / "c.parquet", 16, row_group_size=8)
+    col = pq_.read_metadata(f).row_group(1).column(1)  # the prompt column of rows 8 to 15
+    assert col.path_in_schema == "prompt"
+    with open(f, "r+b") as fh:
+        fh.seek(col.data_page_offset)
+        fh.write(b"\xff" * 16)
+    cfg = load_config(write_job(tmp_path, f, input={"shard_rows": 16}))
+    plan = make_plan(cfg)
+    spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, []))
+    batch = error_batch(plan.shards[0], spec, "shard failed")
+    assert batch.column("id").to_pylist() == list(range(16))
+    engine = Engine(MODEL, max_batch=8)
+    prep = prepare_rows(engine, Prompting(engine, None), plan.shards[0], spec, SamplingParams)
+    assert prep.ids.to_pylist() == list(range(16)) and [i for i, _, _ in prep.todo] == list(range(8))
+    assert prep.kind[8:] == ["unreadable"] * 8
+    assert f"{f}: row group 1 (rows 8 to 15) cannot be read (column 'prompt': " in prep.error[8]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MSG_TYPE, output_files, read_output, write_job, write_prompts
+from conftest import MSG_TYPE, corrupt_row_group, output_files, read_output, write_job, write_prompts
 
 from upg_batch.cli import main
 from upg_batch.commit import MANIFEST, SUCCESS, OutputError, read_committed
@@ -289,3 +289,55 @@ def test_a_gpu_job_runs_its_rows_on_the_gpu_engine(tmp_path: Path):
     params = [SamplingParams(max_tokens=5, temperature=0.8, seed=derive_seed(3, p["id"])) for p in prompts]
     got = eng.generate([p["prompt"] for p in prompts], params)
     assert [rows[p["id"]]["completion"] for p in prompts] == [c.text for c in got]
+
+
+def test_a_corrupt_data_page_becomes_error_rows_and_the_job_completes(tmp_path: Path, capsys):
+    f = write_prompts(tmp_path / "c.parquet", 24, row_group_size=8)
+    corrupt_row_group(f, 1)  # rows 8 to 15: the footer is valid, their data pages are garbage
+    out = tmp_path / "out"
+    job = write_job(tmp_path, f, out, input={"shard_rows": 8})
+    assert main(["run", str(job)]) == 0
+    rows = read_output(out).to_pylist()
+    assert sorted(r["id"] for r in rows if r["id"] is not None) == [*range(8), *range(16, 24)]
+    bad = [r for r in rows if r["id"] is None]
+    assert len(bad) == 8
+    assert all(r["finish_reason"] == "error" and f"{f}: row group 1 (rows 8 to 15) cannot be read" in r["error"] for r in bad)
+    assert all(r["error"] is None for r in rows if r["id"] is not None)
+    assert (out / SUCCESS).exists()
+    m = read_committed(out)
+    assert sum(e["errors"] for e in m["shards"].values()) == 8 and not any(e.get("failed") for e in m["shards"].values())
+    assert main(["run", str(job)]) == 0  # a rerun is a no-op, not a failure
+
+
+@pytest.mark.parametrize("damage", ["rm -rf out", "rm out/part-*"])
+def test_output_removed_mid_job_fails_the_run_and_a_rerun_repairs_it(tmp_path: Path, capsys, monkeypatch, damage: str):
+    import shutil
+
+    from upg_batch.commit import Committer
+
+    f = write_prompts(tmp_path / "d.parquet", 24)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, f, out, input={"shard_rows": 8}, cluster={"shards_in_flight": 1})
+    commit = Committer.commit
+
+    def commit_then_damage(self, index, batch, info):
+        seconds = commit(self, index, batch, info)
+        if len(self.shards) == 1:  # the first commit of the run is in: now the damage
+            if damage == "rm -rf out":
+                shutil.rmtree(out)
+            else:  # the shell's glob skips hidden files: the lock file stays
+                for p in out.glob("part-*"):
+                    p.unlink()
+        return seconds
+
+    monkeypatch.setattr(Committer, "commit", commit_then_damage)
+    assert main(["run", str(job)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("upg-batch: error: ") and str(out) in last and "run it again" in last
+    expect = "output folder was removed or replaced" if damage == "rm -rf out" else "recorded part files are missing or changed size"
+    assert expect in last
+    assert not (out / SUCCESS).exists()
+    monkeypatch.undo()
+    assert main(["run", str(job)]) == 0  # the rerun repairs the output
+    assert sorted(read_output(out).column("id").to_pylist()) == list(range(24))
+    assert (out / SUCCESS).exists() and len(read_committed(out)["shards"]) == 3

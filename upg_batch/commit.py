@@ -19,8 +19,9 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,6 +31,7 @@ from upg_batch.manifest import (
     MANIFEST,
     MANIFEST_VERSION,
     TMP_PREFIX,
+    CommitError,
     CommitLog,
     OutputError,
     _fsync_dir,
@@ -39,7 +41,7 @@ from upg_batch.manifest import (
     read_snapshot,
 )
 
-__all__ = ["Committer", "OutputError", "MANIFEST", "LOG", "SUCCESS", "part_name", "read_committed"]
+__all__ = ["CommitError", "Committer", "OutputError", "MANIFEST", "LOG", "SUCCESS", "part_name", "read_committed"]
 
 SUCCESS = "_SUCCESS"
 LOCK = ".upg-batch.lock"
@@ -56,19 +58,29 @@ def part_name(index: int, fmt: str) -> str:
 def _stat_or_none(path: Path) -> os.stat_result | None:
     try:
         return os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def _identity(st: os.stat_result | None) -> tuple[int, int] | None:
+    return None if st is None else (st.st_dev, st.st_ino)
 
 
 def _make_dirs(path: Path) -> list[Path]:
     """mkdir -p, fsyncing the parent of each folder created so the new entries survive a
-    power loss (G5). Returns the folders created, outermost first."""
+    power loss (G5). Returns the folders created, outermost first. A path that is (or lies
+    under) a file is an OutputError naming that file."""
     missing: list[Path] = []
     p = path.absolute()
     while not p.exists():
         missing.append(p)
         p = p.parent
-    path.mkdir(parents=True, exist_ok=True)
+    if not p.is_dir():
+        raise OutputError(f"output.path {path}: {p} is a file, not a folder; choose a folder for the output")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"output.path {path}: cannot create the folder ({e.strerror or e})") from None
     missing.reverse()
     for d in missing:
         _fsync_dir(d.parent)
@@ -85,6 +97,9 @@ class Committer:
 
     def __init__(self, out_dir: Path, fingerprint: dict[str, str], total_shards: int, fmt: str, overwrite: bool = False) -> None:
         self.dir = Path(out_dir)
+        # folders this run created (outermost first): removed again if the run ends before
+        # writing to them
+        self._created = _make_dirs(self.dir)
         self.fmt = fmt
         self.fingerprint = dict(fingerprint)
         self.total_shards = total_shards
@@ -100,10 +115,11 @@ class Committer:
         self.snapshot_writes = 0  # snapshots this run wrote (each O(shards))
         self._complete = False  # the snapshot's complete flag and summary, kept by compaction
         self._summary: dict[str, Any] | None = None
-        # folders this run created (outermost first): removed again if the run ends before
-        # writing to them
-        self._created = _make_dirs(self.dir)
         self._lock_fd = self._lock()
+        # what this run holds: the folder and its lock file; either changing under the run (the
+        # folder removed or replaced, the lock file deleted) stops it before it writes again
+        self._dir_id = _identity(_stat_or_none(self.dir))
+        self._lock_id = _identity(os.fstat(self._lock_fd))
         try:
             self._open(overwrite)
         except BaseException:
@@ -202,12 +218,53 @@ class Committer:
             if n.startswith(TMP_PREFIX) or stray_part:
                 os.unlink(self.dir / n)
                 changed = True
-        for index in [i for i, e in self.shards.items() if not (self.dir / e["file"]).is_file()]:
+        for index in [i for i, e in self.shards.items() if not self._part_intact(e)]:
+            (self.dir / self.shards[index]["file"]).unlink(missing_ok=True)  # a part file cut short or changed
             del self.shards[index]
+            changed = True
         if len(self.shards) < self.total_shards:
             (self.dir / SUCCESS).unlink(missing_ok=True)
         if changed:
             _fsync_dir(self.dir)
+
+    def _part_intact(self, entry: dict[str, Any]) -> bool:
+        """The entry's part file is there with the size recorded when it was committed."""
+        st = _stat_or_none(self.dir / entry["file"])
+        return st is not None and (entry.get("bytes") is None or st.st_size == entry["bytes"])
+
+    # -- checks while the run writes ---------------------------------------------------------
+    def _folder_changed(self) -> str | None:
+        """How the folder changed under this run, or None while it is the one locked."""
+        if _identity(_stat_or_none(self.dir)) != self._dir_id:
+            return "the output folder was removed or replaced"
+        if _identity(_stat_or_none(self.dir / LOCK)) != self._lock_id:
+            return f"its lock file {LOCK} was removed or replaced"
+        return None
+
+    def _check_folder(self) -> None:
+        changed = self._folder_changed()
+        if changed:
+            raise CommitError(f"{self.dir}: {changed} while this run was writing to it; the job stops: run it again to repair the output")
+
+    @contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """An OSError while writing `path` becomes a CommitError naming it (or saying how the
+        folder changed, when that is the cause)."""
+        try:
+            yield
+        except OSError as e:
+            self._check_folder()
+            raise CommitError(f"{path}: cannot write ({e.strerror or e}); committed shards are kept: run the job again once this is fixed") from None
+
+    def verify_parts(self) -> None:
+        """Every recorded part file is there with its recorded size, else CommitError."""
+        bad = sorted(e["file"] for e in self.shards.values() if not self._part_intact(e))
+        if bad:
+            shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+            raise CommitError(
+                f"{self.dir}: {len(bad)} recorded part files are missing or changed size ({shown}); "
+                "the job is not marked complete: run it again to redo those shards"
+            )
 
     # -- committing ------------------------------------------------------------------------
     def is_committed(self, index: int) -> bool:
@@ -220,21 +277,31 @@ class Committer:
         if index in self.shards:  # the driver commits each shard once; this guards G3
             raise OutputError(f"shard {index} is already committed")
         t0 = time.perf_counter()
+        self._check_folder()  # never write into a folder that is no longer the one locked
         name = part_name(index, self.fmt)
         final = self.dir / name
         tmp = self.dir / f"{TMP_PREFIX}{name}.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            if self.fmt == "parquet":
-                pq.write_table(pa.Table.from_batches([batch]), f)
-            else:
-                with pa.ipc.new_file(f, batch.schema) as writer:
-                    writer.write_batch(batch)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.dir)
-        entry = {"file": name, "rows": batch.num_rows, "bytes": final.stat().st_size, **info}
-        self.log.append(index, entry)  # the commit point: one fsynced line
+        try:
+            with self._writing(final):
+                with open(tmp, "wb") as f:
+                    if self.fmt == "parquet":
+                        pq.write_table(pa.Table.from_batches([batch]), f)
+                    else:
+                        with pa.ipc.new_file(f, batch.schema) as writer:
+                            writer.write_batch(batch)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+                _fsync_dir(self.dir)
+                entry = {"file": name, "rows": batch.num_rows, "bytes": final.stat().st_size, **info}
+        except BaseException:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
+        with self._writing(self.log.path):
+            self.log.append(index, entry)  # the commit point: one fsynced line
         self.shards[index] = entry
         self.rows_committed += batch.num_rows
         self.failed_shards += bool(info.get("failed"))
@@ -246,9 +313,14 @@ class Committer:
         """Mark the job complete: the snapshot (compacted, the log removed), then _SUCCESS
         (last, so readers can wait on it)."""
         self._begun = True
+        # the output is what the manifest says before it is called complete: the folder still
+        # the one locked, every part file there with the size it was committed with
+        self._check_folder()
+        self.verify_parts()
         self._complete, self._summary = True, summary
         self._compact()
-        _write_atomic(self.dir / SUCCESS, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
+        with self._writing(self.dir / SUCCESS):
+            _write_atomic(self.dir / SUCCESS, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
 
     def _compact(self) -> None:
         """Rewrite the snapshot atomically with every committed shard, then remove the log. A
@@ -265,20 +337,21 @@ class Committer:
         if self._summary is not None:
             data["summary"] = self._summary
         raw = json.dumps(data, separators=(",", ":")).encode()
-        _write_atomic(self.dir / MANIFEST, raw)
-        self.snapshot_bytes = len(raw)
-        self.snapshot_writes += 1
-        self.log.remove()
+        with self._writing(self.dir / MANIFEST):
+            _write_atomic(self.dir / MANIFEST, raw)
+            self.snapshot_bytes = len(raw)
+            self.snapshot_writes += 1
+            self.log.remove()
 
     def close(self) -> None:
         """Fold the log into the snapshot (best effort: a log left behind is read on resume),
         then release the lock. The lock file stays (it is hidden from readers): deleting it
         while held would let a later run lock a new file while another still holds the old
         one. Only a folder this run created and never wrote to is removed again."""
-        if self._lock_fd >= 0 and self._begun and self.log.size > 0:
+        if self._lock_fd >= 0 and self._begun and self.log.size > 0 and self._folder_changed() is None:
             try:
                 self._compact()
-            except OSError:
+            except (OSError, CommitError):
                 pass
         self.log.close()
         if self._lock_fd >= 0:

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from upg_batch.jobyaml import load_yaml
+from upg_batch.limits import sampling_problem
 
 __all__ = ["ConfigError", "JobConfig", "load_config", "OUTPUT_COLUMNS", "OVERRIDE_COLUMNS"]
 
@@ -83,6 +86,15 @@ class SamplingSection(_Section):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
     seed: int | None = Field(None, ge=0, description="Job seed; each row's seed derives from it and the row id.")
     stop: tuple[str, ...] = Field((), strict=False, description="Stop strings.")
+
+    @field_validator("max_tokens", "temperature", "top_p", "top_k", "min_p")
+    @classmethod
+    def _row_limits(cls, value: Any, info: ValidationInfo) -> Any:
+        # the limits every row's values meet (SamplingParams), so no default fails every row
+        problem = sampling_problem(str(info.field_name), value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -156,8 +168,10 @@ def load_config(path: str | os.PathLike[str]) -> JobConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the job file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: the job file is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)  # safe_load, refusing duplicate keys and runaway nesting
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({_one_line(str(e))})") from None
     return parse_config(data, source=str(path)).resolved(path.resolve().parent)

@@ -6,7 +6,6 @@ documented API: `Engine`, `SamplingParams`, `Completion`, `EngineError`.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -15,6 +14,7 @@ import numpy as np
 
 from upg_batch import _native
 from upg_batch._native import EngineError
+from upg_batch.limits import SAMPLING_LIMITS, int_in
 
 __all__ = ["Completion", "Engine", "EngineError", "SamplingParams"]
 
@@ -38,15 +38,11 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        checks = [
-            ("max_tokens", _int_in(self.max_tokens, 1, 2**31), "an integer >= 1"),
-            ("temperature", _finite(self.temperature) and self.temperature >= 0, "a number >= 0"),
-            ("top_k", _int_in(self.top_k, 0, 2**31), "an integer >= 0 (0: off)"),
-            ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("min_p", _finite(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
-            ("seed", self.seed is None or _int_in(self.seed, 0, 2**64 - 1), "None or an integer in [0, 2**64)"),
+        # the numeric limits are shared with the job's sampling section (upg_batch.limits)
+        checks = [(name, check(getattr(self, name)), what) for name, (check, what) in SAMPLING_LIMITS.items()]
+        checks += [
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
-            ("stop_token_ids", all(_int_in(t, 0, 2**32 - 1) for t in self.stop_token_ids), "a list of token ids >= 0"),
+            ("stop_token_ids", all(int_in(t, 0, 2**32 - 1) for t in self.stop_token_ids), "a list of token ids >= 0"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -66,22 +62,14 @@ class SamplingParams:
         )
 
 
-def _int_in(x: object, low: int, high: int) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and low <= x <= high
-
-
 def _token_ids(ids: Sequence[int], what: str) -> list[int]:
     """`ids` as a list of ints in the native range, or EngineError naming the bad one."""
     out = []
     for pos, t in enumerate(ids):
-        if not _int_in(t, 0, 2**32 - 1) and not (isinstance(t, np.integer) and 0 <= t < 2**32):
+        if not int_in(t, 0, 2**32 - 1) and not (isinstance(t, np.integer) and 0 <= t < 2**32):
             raise EngineError(f"{what}: token id {t!r} at position {pos} is not an integer in [0, 2**32)")
         out.append(int(t))
     return out
-
-
-def _finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
@@ -130,7 +118,7 @@ class Engine:
         fused: bool = True,
     ) -> None:
         for name, value, low in (("threads", threads, 1), ("max_batch", max_batch, 1), ("context", context, 2)):
-            if value is not None and not _int_in(value, low, 2**31):
+            if value is not None and not int_in(value, low, 2**31):
                 raise EngineError(f"Engine argument `{name}` must be an integer >= {low}, got {value!r}")
         if not isinstance(fused, bool):
             raise EngineError(f"Engine argument `fused` must be True or False, got {fused!r}")

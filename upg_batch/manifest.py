@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST", "LOG", "MANIFEST_VERSION", "OutputError", "CommitLog", "read_snapshot", "read_log", "read_committed"]
+__all__ = ["MANIFEST", "LOG", "MANIFEST_VERSION", "CommitError", "OutputError", "CommitLog", "read_snapshot", "read_log", "read_committed"]
 
 MANIFEST = "_manifest.json"
 LOG = "_manifest.log"
@@ -31,6 +31,12 @@ TMP_PREFIX = ".tmp-"
 
 class OutputError(RuntimeError):
     """The output folder cannot take this job; the message says why and what to do."""
+
+
+class CommitError(RuntimeError):
+    """Writing into the output folder failed while the job ran (a full disk, the folder or its
+    lock file removed or replaced, a recorded part file gone): the job stops; a rerun repairs
+    the output (shards whose files are intact are kept, the others run again)."""
 
 
 def _fsync_dir(path: Path) -> None:

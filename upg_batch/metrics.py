@@ -15,6 +15,8 @@ All methods are thread-safe: the runner may call them from a polling thread.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import platform
 import threading
 import time
@@ -23,7 +25,7 @@ from typing import Any, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.registry import Collector
 
-__all__ = ["JobMetrics", "OVERFLOW_NODE", "SHARD_STATES", "ROW_OUTCOMES"]
+__all__ = ["JobMetrics", "OVERFLOW_NODE", "SHARD_STATES", "ROW_OUTCOMES", "is_loopback"]
 
 SHARD_STATES = ("pending", "running", "committed", "failed")
 ROW_OUTCOMES = ("ok", "error")
@@ -59,6 +61,16 @@ class _CreatedFilter(Collector):
             for family in metric.collect():
                 family.samples = [s for s in family.samples if not s.name.endswith("_created")]
                 yield family
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 class JobMetrics:
@@ -130,6 +142,13 @@ class JobMetrics:
         if not self.port or self._server is not None:
             return
         self._server, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+        if not is_loopback(self.host):
+            logging.getLogger("upg_batch").warning(
+                "metrics.host %s: the metrics endpoint on port %d is unauthenticated and reachable beyond this machine; "
+                "bind it to a private address only",
+                self.host,
+                self.port,
+            )
 
     def _on_scrape(self) -> None:
         if self._server is None:

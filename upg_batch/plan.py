@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from upg_batch.config import OVERRIDE_COLUMNS, InputSection, JobConfig
 
-__all__ = ["DatasetError", "InputFile", "Plan", "Shard", "find_files", "make_plan", "read_shard"]
+__all__ = ["DatasetError", "InputFile", "Plan", "Shard", "Unreadable", "find_files", "make_plan", "read_shard", "read_shard_rows"]
 
 
 class DatasetError(ValueError):
@@ -121,7 +121,13 @@ def _glob_root(pattern: str) -> str:
 
 
 def _is_string(t: pa.DataType) -> bool:
+    t = _decoded(t)
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def _decoded(t: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded column's value type (what its values are); other types as they are."""
+    return t.value_type if pa.types.is_dictionary(t) else t
 
 
 def _is_messages(t: pa.DataType) -> bool:
@@ -135,6 +141,7 @@ def _is_messages(t: pa.DataType) -> bool:
 
 
 def _override_ok(name: str, t: pa.DataType) -> bool:
+    t = _decoded(t)
     if pa.types.is_null(t):
         return True
     if name in ("max_tokens", "top_k", "seed"):
@@ -159,7 +166,9 @@ _EXPECT = {
 
 
 def _normalize(t: pa.DataType) -> pa.DataType:
-    """Types equal up to string/large_string widths compare equal across files."""
+    """Types equal up to string/large_string widths and dictionary encoding compare equal
+    across files (the output holds plain values)."""
+    t = _decoded(t)
     if pa.types.is_large_string(t):
         return pa.string()
     return t
@@ -246,22 +255,104 @@ def make_plan(cfg: JobConfig) -> Plan:
     )
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """Rows of a shard whose data cannot be read (a corrupt page): [start, stop) counted from
+    the shard's first row, and why, naming the file and row group."""
+
+    start: int
+    stop: int
+    message: str
+
+
 def read_shard(shard: Shard, columns: Sequence[str]) -> pa.Table:
-    """The shard's rows, only `columns` that the file has, reading only overlapping row groups."""
+    """The shard's rows, only `columns` that the file has, reading only overlapping row groups.
+    Raises on data that cannot be read; `read_shard_rows` turns that into null rows."""
     pf = pq.ParquetFile(shard.file.path)
     present = [c for c in columns if c in pf.schema_arrow.names]
-    groups, first = [], None
+    groups, first = _groups(shard)
+    if not groups:
+        return pf.schema_arrow.empty_table().select(present)
+    table = pf.read_row_groups([g for g, _, _ in groups], columns=present)
+    return table.slice(shard.start - first, shard.rows)
+
+
+def read_shard_rows(shard: Shard, columns: Sequence[str]) -> tuple[pa.Table, list[Unreadable]]:
+    """Like `read_shard`, but data that cannot be read (a corrupt page, a file cut short since
+    it was planned) does not fail: each row group at fault is listed with its rows, and its
+    columns that cannot be read come back null (those that can, ids say, keep their values).
+    The table always has `shard.rows` rows."""
+    path = shard.file.path
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        return _null_table(None, columns, shard.rows), [Unreadable(0, shard.rows, f"{path}: cannot be read ({_printable(e)})")]
+    try:
+        return read_shard(shard, columns), []
+    except (OSError, pa.ArrowException):
+        pass  # find the row groups (and columns) at fault: read each alone
+    present = [c for c in columns if c in pf.schema_arrow.names]
+    groups, first = _groups(shard)
+    parts: list[pa.Table] = []
+    bad: list[Unreadable] = []
+    for g, lo, hi in groups:
+        part, cause = _read_group(pf, g, present, hi - lo)
+        if cause is not None:
+            a, b = max(lo, shard.start), min(hi, shard.stop)
+            bad.append(Unreadable(a - shard.start, b - shard.start, f"{path}: row group {g} (rows {lo} to {hi - 1}) cannot be read ({cause})"))
+        parts.append(part)
+    table = pa.concat_tables(parts).slice(shard.start - first, shard.rows)
+    return table, bad
+
+
+def _read_group(pf: pq.ParquetFile, group: int, columns: list[str], rows: int) -> tuple[pa.Table, str | None]:
+    """One row group's `columns`, and None; or, when some cannot be read, the group with those
+    columns null and why."""
+    try:
+        part = pf.read_row_group(group, columns=columns).select(columns)
+        if part.num_rows == rows:
+            return part, None
+        whole = f"it holds {part.num_rows} rows, the footer says {rows}"
+    except (OSError, pa.ArrowException) as e:
+        whole = _printable(e)
+    arrays, failed = [], []
+    for c in columns:
+        try:
+            col = pf.read_row_group(group, columns=[c]).column(c)
+            if len(col) != rows:
+                raise OSError(f"it holds {len(col)} rows, the footer says {rows}")
+        except (OSError, pa.ArrowException) as e:
+            col = pa.chunked_array([pa.nulls(rows, pf.schema_arrow.field(c).type)])
+            failed.append((c, _printable(e)))
+        arrays.append(col)
+    if not failed or len(failed) == len(columns):  # no column alone is at fault: all of them are null
+        return _null_table(pf.schema_arrow, columns, rows), whole
+    names = ", ".join(f"'{c}'" for c, _ in failed)
+    return pa.table(dict(zip(columns, arrays))), f"column {names}: {failed[0][1]}"
+
+
+def _groups(shard: Shard) -> tuple[list[tuple[int, int, int]], int]:
+    """The row groups the shard overlaps, as (group, first row, one past its last row) in the
+    file, and the first row of the first of them."""
+    groups: list[tuple[int, int, int]] = []
     offset = 0
     for i, n in enumerate(shard.file.row_group_rows):
         if offset + n > shard.start and offset < shard.stop:
-            groups.append(i)
-            if first is None:
-                first = offset
+            groups.append((i, offset, offset + n))
         offset += n
-    if not groups:
-        return pf.schema_arrow.empty_table().select(present)
-    table = pf.read_row_groups(groups, columns=present)
-    return table.slice(shard.start - (first or 0), shard.rows)
+    return groups, groups[0][1] if groups else 0
+
+
+def _null_table(schema: pa.Schema | None, columns: Sequence[str], rows: int) -> pa.Table:
+    """`rows` null rows of `columns` (typed as in `schema` where it has them, else null)."""
+    names = [c for c in columns if schema is None or c in schema.names]
+    types = [schema.field(c).type if schema is not None else pa.null() for c in names]
+    return pa.table({c: pa.nulls(rows, t) for c, t in zip(names, types)}) if names else pa.table({"_": pa.nulls(rows)}).select([])
+
+
+def _printable(e: BaseException) -> str:
+    """The first line of an error, control characters (from bytes of a corrupt file) as '?'."""
+    return "".join(c if c.isprintable() else "?" for c in _first_line(e))
 
 
 def _first_line(e: BaseException) -> str:

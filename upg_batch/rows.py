@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from upg_batch.chat import ChatTemplate, MessagesError
 from upg_batch.config import OUTPUT_COLUMNS, JobConfig
-from upg_batch.plan import Columns, Shard, read_shard
+from upg_batch.plan import Columns, Shard, Unreadable, read_shard_rows
 
 __all__ = ["Prepared", "Prompting", "ShardResult", "WorkSpec", "derive_seed", "error_batch", "output_schema", "prepare_rows", "run_rows"]
 
@@ -80,14 +80,17 @@ def _assemble(spec: WorkSpec, ids: pa.Array, table: pa.Table, cols: dict[str, li
 def error_batch(shard: Shard, spec: WorkSpec, message: str) -> pa.RecordBatch:
     """Every row of `shard` as an error row with `message` (a shard that could not run)."""
     needed = [c for c in (spec.columns.id, *spec.columns.passthrough) if c is not None]
-    table = read_shard(shard, needed)
+    table, unreadable = read_shard_rows(shard, needed)
     n = shard.rows
+    error = [message] * n
+    for u in unreadable:  # rows whose data cannot be read (their id is null): say that too
+        error[u.start : u.stop] = [f"{message}; {u.message}"] * (u.stop - u.start)
     cols = {
         "completion": [None] * n,
         "finish_reason": ["error"] * n,
         "prompt_tokens": [0] * n,
         "completion_tokens": [0] * n,
-        "error": [message] * n,
+        "error": error,
     }
     return _assemble(spec, _row_ids(shard, table, spec), table, cols)
 
@@ -175,14 +178,16 @@ class Prepared:
     ids: pa.Array
     todo: list[tuple[int, list[int], Any]]  # (row, prompt ids, SamplingParams)
     error: list[Any]  # per row: None or why the row is an error row
-    kind: list[Any]  # per row: None or "undecodable", "null", "empty", "messages", "tokenize", "too_long", "sampling"
+    kind: list[Any]  # per row: None or "unreadable", "undecodable", "null", "empty", "messages", "tokenize", "too_long", "sampling"
     prompt_tokens: list[int]
+    unreadable: list[Unreadable] = field(default_factory=list)  # row groups whose data cannot be read
 
 
 def prepare_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec, sampling_cls: Any) -> Prepared:
     """Read the shard and turn each row into prompt ids and SamplingParams, or an error."""
     cols_in = spec.columns
-    table = read_shard(shard, cols_in.all())
+    # a corrupt row group does not fail the shard: its rows become error rows naming it
+    table, unreadable = read_shard_rows(shard, cols_in.all())
     names = set(table.column_names)
     n = shard.rows
     ids = _row_ids(shard, table, spec)
@@ -193,8 +198,13 @@ def prepare_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec
 
     prompts_in, messages_in = col(cols_in.prompt), col(cols_in.messages)
     overrides = {c: col(c) for c in cols_in.overrides}
-    prep = Prepared(table, ids, [], [None] * n, [None] * n, [0] * n)
+    prep = Prepared(table, ids, [], [None] * n, [None] * n, [0] * n, unreadable)
+    for u in unreadable:
+        prep.error[u.start : u.stop] = [u.message] * (u.stop - u.start)
+        prep.kind[u.start : u.stop] = ["unreadable"] * (u.stop - u.start)
     for i in range(n):
+        if prep.kind[i] is not None:
+            continue
         kind = "null"
         try:
             kind = "undecodable"

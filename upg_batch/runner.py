@@ -21,7 +21,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from upg_batch.actor import test_hooks_from_env
 from upg_batch.chat import ChatTemplateError, load_chat_template
 from upg_batch.cluster import Slot, connect, kill_actor, no_slots_message, node_alive, plan_slots, shared_gpu_warnings, start_actor
-from upg_batch.commit import Committer
+from upg_batch.commit import CommitError, Committer
 from upg_batch.config import JobConfig
 from upg_batch.fingerprint import fingerprint
 from upg_batch.plan import Plan, make_plan
@@ -121,6 +121,8 @@ class Runner:
                 committer.finish(summary)
             finally:
                 metrics.stop()
+        except CommitError as e:  # the output folder failed under the run: a started job that cannot finish
+            raise JobError(str(e)) from None
         finally:
             committer.close()
         return summary

@@ -3,7 +3,7 @@
 Loads the model on this machine (proving it loads), then reads the dataset shard by shard
 (memory bounded by one shard) and tokenizes every prompt, counting rows that would become
 error rows: too long for the context, null or empty, not valid UTF-8, malformed messages,
-bad overrides.
+bad overrides, and row groups whose data cannot be read (each named with its file).
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
     kinds: collections.Counter[str] = collections.Counter()
     examples: list[dict[str, Any]] = []
     prompt_tokens = 0
+    unreadable: list[str] = []  # one line per row group whose data cannot be read
     for shard in plan.shards:
         prep = prepare_rows(engine, prompting, shard, spec, SamplingParams)
         prompt_tokens += sum(prep.prompt_tokens)
+        unreadable += [u.message for u in prep.unreadable if u.message not in unreadable]
         for i, kind in enumerate(prep.kind):
             if kind is None:
                 continue
@@ -69,6 +71,7 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
         "error_kinds": dict(sorted(kinds.items())),
         "too_long": kinds.get("too_long", 0),
         "examples": examples,
+        "unreadable": unreadable,
     }
 
 
@@ -92,6 +95,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['too_long']} rows too long for the context; {r['error_rows']} rows would be error rows"
         + (f" ({', '.join(f'{k}: {v}' for k, v in r['error_kinds'].items())})" if r["error_kinds"] else ""),
     ]
+    for message in r.get("unreadable", []):
+        lines.append(f"unreadable data (its rows would be error rows): {message}")
     for ex in r["examples"]:
         lines.append(f"  row {ex['id']!r}: {ex['error']}")
     return "\n".join(lines)
