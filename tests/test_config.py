@@ -187,3 +187,11 @@ def test_help_everywhere(argv, capsys):
         main(argv)
     assert e.value.code == 0
     assert "usage: upg-batch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, bar", [("off", "off"), ("on", "on"), ("'off'", "off"), ("auto", "auto"), ("false", "off"), ("yes", "on")])
+def test_progress_bar_unquoted_on_and_off(tmp_path: Path, text: str, bar: str):
+    """YAML 1.1 reads an unquoted off/on (no/yes) as a boolean: accepted as the word."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: {{path: m}}\ninput: {{path: d}}\noutput: {{path: o}}\nprogress: {{bar: {text}}}\n")
+    assert load_config(job).progress.bar == bar

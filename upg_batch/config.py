@@ -117,6 +117,12 @@ class MetricsSection(_Section):
 
 class ProgressSection(_Section):
     bar: Literal["auto", "on", "off"] = Field("auto", description="tqdm bar (auto: when stderr is a TTY).")
+
+    @field_validator("bar", mode="before")
+    @classmethod
+    def _bar_bool(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted on/off (yes/no) as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
     log_interval_s: float = Field(10.0, gt=0, description="Seconds between progress log lines without a bar.")
 
 
