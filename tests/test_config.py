@@ -195,3 +195,41 @@ def test_progress_bar_unquoted_on_and_off(tmp_path: Path, text: str, bar: str):
     job = tmp_path / "job.yaml"
     job.write_text(f"model: {{path: m}}\ninput: {{path: d}}\noutput: {{path: o}}\nprogress: {{bar: {text}}}\n")
     assert load_config(job).progress.bar == bar
+
+
+def test_set_overrides_dotted_keys_with_yaml_values_and_the_files_validation(tmp_path: Path, monkeypatch):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_with("sampling", max_tokens=5)))
+    cfg = load_config(job, ["sampling.max_tokens=8", "sampling.stop=[a, b]", "progress.bar=off", "model.context=null", "input.limit=3"])
+    assert cfg.sampling.max_tokens == 8 and cfg.sampling.stop == ("a", "b") and cfg.progress.bar == "off"
+    assert cfg.model.context is None and cfg.input.limit == 3
+    # paths set on the command line are relative to the current folder
+    monkeypatch.chdir(tmp_path / ".." )
+    assert load_config(job, ["output.path=elsewhere"]).output.path == (tmp_path / ".." / "elsewhere").resolve()
+    with pytest.raises(ConfigError, match="unknown key 'sampling.max_token'.*did you mean 'sampling.max_tokens'"):
+        load_config(job, ["sampling.max_token=8"])
+    with pytest.raises(ConfigError, match="'sampling.max_tokens'"):
+        load_config(job, ["sampling.max_tokens=many"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(job, ["sampling.max_tokens"])
+    with pytest.raises(ConfigError, match="'model.path' .* is not a section"):
+        load_config(job, ["model.path.x=1"])
+
+
+def test_cli_set_and_limit_reach_the_config(tmp_path: Path, capsys, monkeypatch):
+    """`validate` takes the same options as `run`: a bad --set value is named in one line."""
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    assert main(["validate", "--set", "sampling.temperature=hot", str(p)]) == 2
+    assert "'sampling.temperature'" in capsys.readouterr().err
+    assert main(["run", "--limit", "0", str(p)]) == 2
+    assert "'input.limit'" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import upg_batch
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"upg-batch {upg_batch.__version__}"

@@ -19,11 +19,30 @@ __all__ = ["main"]
 EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+def _job_options(p: argparse.ArgumentParser) -> None:
+    """Options that change the job file's fields (applied after it is read, then validated)."""
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a job field, e.g. --set sampling.max_tokens=8 (dotted key; the value is read as YAML; repeatable)",
+    )
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N rows, for a smoke test (input.limit)")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    if args.limit is not None:
+        out.append(f"input.limit={args.limit}")
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
+    from upg_batch import __version__
+
     p = argparse.ArgumentParser(
         prog="upg-batch",
         description="Distributed batch inference: Parquet prompts in, Arrow completions out, over a Ray cluster.",
     )
+    p.add_argument("--version", action="version", version=f"upg-batch {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser(
         "run",
@@ -33,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("job", metavar="JOB.yaml", help="the job file (docs/config.md)")
     run.add_argument("--overwrite", action="store_true", help="replace output of a different job in output.path")
+    _job_options(run)
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     val = sub.add_parser(
@@ -44,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("job", metavar="JOB.yaml", help="the job file (docs/config.md)")
     val.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     val.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _job_options(val)
     return p
 
 
@@ -74,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C: actors are killed, the output folder's lock released
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        cfg = load_config(args.job)
+        cfg = load_config(args.job, _overrides(args))
         if args.command == "validate":
             from upg_batch.validate import format_report, validate
 

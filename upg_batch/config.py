@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -57,6 +57,7 @@ class InputSection(_Section):
     messages_column: str = Field("messages", description="Optional column of chat messages (list of {role, content}).")
     id_column: str | None = Field(None, description="Column with a unique row id (null: 'file:row').")
     shard_rows: int = Field(256, ge=1, description="Rows per shard (the unit of work, commit and retry).")
+    limit: int | None = Field(None, ge=1, description="Only the first N rows of the dataset, for a smoke test (null: every row).")
 
 
 class OutputSection(_Section):
@@ -155,8 +156,9 @@ class JobConfig(_Section):
         return self.model_copy(update={"model": model, "input": inp, "output": out})
 
 
-def load_config(path: str | os.PathLike[str]) -> JobConfig:
-    """Read, validate and resolve a job file. Raises ConfigError naming what is wrong."""
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
+    """Read, validate and resolve a job file, with `--set KEY=VALUE` overrides applied first
+    (overrides.py). Raises ConfigError naming what is wrong."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -166,6 +168,10 @@ def load_config(path: str | os.PathLike[str]) -> JobConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({_one_line(str(e))})") from None
+    if overrides:
+        from upg_batch.overrides import apply_overrides
+
+        data = apply_overrides(data, overrides, source=str(path))
     return parse_config(data, source=str(path)).resolved(path.resolve().parent)
 
 

@@ -42,6 +42,8 @@ def config_fields(cfg: JobConfig) -> dict[str, Any]:
             "messages_column": cfg.input.messages_column,
             "id_column": cfg.input.id_column,
             "shard_rows": cfg.input.shard_rows,
+            # only when set, so a job without a limit keeps the fingerprint it had before the key
+            **({"limit": cfg.input.limit} if cfg.input.limit is not None else {}),
         },
         "output": {"format": cfg.output.format, "passthrough": list(cfg.output.passthrough)},
         "sampling": cfg.sampling.model_dump(mode="json"),
