@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from upg_batch.fingerprint import describe_changes
 from upg_batch.manifest import (
     LOG,
     MANIFEST,
@@ -83,10 +84,15 @@ def _ours(name: str) -> bool:
 class Committer:
     """Owns one output folder for the length of a run (an exclusive lock keeps others out)."""
 
-    def __init__(self, out_dir: Path, fingerprint: dict[str, str], total_shards: int, fmt: str, overwrite: bool = False) -> None:
+    def __init__(
+        self, out_dir: Path, fingerprint: dict[str, str], total_shards: int, fmt: str, overwrite: bool = False, inputs: dict[str, Any] | None = None
+    ) -> None:
         self.dir = Path(out_dir)
         self.fmt = fmt
         self.fingerprint = dict(fingerprint)
+        # what the fingerprint digests (fingerprint.fingerprint_inputs), kept in the manifest so
+        # that a later run of a changed job can be told what changed
+        self.inputs = inputs
         self.total_shards = total_shards
         self._begun = False
         # --overwrite: the old output is deleted in begin(), once every pre-flight check passed
@@ -147,9 +153,11 @@ class Committer:
             old = manifest.get("fingerprint", {})
             if old.get("job") != self.fingerprint["job"]:
                 differ = [k for k in ("config", "model", "dataset", "version") if old.get(k) != self.fingerprint.get(k)]
+                changes = describe_changes(manifest["fingerprint_inputs"], self.inputs) if manifest.get("fingerprint_inputs") and self.inputs else []
                 raise OutputError(
-                    f"{self.dir}: holds output of a different job (its {', '.join(differ) or 'fingerprint'} differs); "
-                    "run with --overwrite to replace it, or choose another output.path"
+                    f"{self.dir}: holds output of a different job (its {', '.join(differ) or 'fingerprint'} differs)"
+                    + (f": {'; '.join(changes)}" if changes else "")
+                    + "; run with --overwrite to replace it, or choose another output.path"
                 )
             self.shards = {int(k): v for k, v in manifest.get("shards", {}).items()}
             self.runs = int(manifest.get("runs", 0))
@@ -256,6 +264,7 @@ class Committer:
         data = {
             "version": MANIFEST_VERSION,
             "fingerprint": self.fingerprint,
+            **({"fingerprint_inputs": self.inputs} if self.inputs is not None else {}),
             "total_shards": self.total_shards,
             "format": self.fmt,
             "runs": self.runs,

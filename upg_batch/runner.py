@@ -23,7 +23,7 @@ from upg_batch.chat import ChatTemplateError, load_chat_template
 from upg_batch.cluster import Slot, connect, kill_actor, no_slots_message, node_alive, plan_slots, shared_gpu_warnings, start_actor
 from upg_batch.commit import Committer
 from upg_batch.config import JobConfig
-from upg_batch.fingerprint import fingerprint
+from upg_batch.fingerprint import digest_inputs, fingerprint_inputs
 from upg_batch.plan import Plan, make_plan
 from upg_batch.progress import Progress, format_summary
 from upg_batch.rows import ShardResult, WorkSpec, error_batch, output_schema
@@ -95,8 +95,8 @@ class Runner:
         check_model_dir(cfg)
         check_chat_template(cfg)
         plan = self.plan = make_plan(cfg)
-        fp = fingerprint(cfg, plan)
-        committer = Committer(cfg.output.path, fp, len(plan.shards), cfg.output.format, overwrite=self.overwrite)
+        inputs = fingerprint_inputs(cfg, plan)
+        committer = Committer(cfg.output.path, digest_inputs(inputs), len(plan.shards), cfg.output.format, overwrite=self.overwrite, inputs=inputs)
         try:
             skipped = sum(committer.is_committed(s.index) for s in plan.shards)
             todo = [s for s in plan.shards if not committer.is_committed(s.index)]
