@@ -218,6 +218,16 @@ class Committer:
             _fsync_dir(self.dir)
 
     # -- committing ------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        """The folder holds the whole job: marked complete and every shard committed."""
+        return self._complete and len(self.shards) == self.total_shards
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """The summary stored when the job completed."""
+        return self._summary
+
     def is_committed(self, index: int) -> bool:
         return index in self.shards
 
