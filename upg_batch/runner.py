@@ -109,7 +109,9 @@ class Runner:
             try:
                 metrics.start()
             except OSError as e:
-                raise MetricsPortError(f"metrics.port {cfg.metrics.port} on {cfg.metrics.host}: cannot serve metrics ({e.strerror or e}); choose another port, or 0 for none") from None
+                from upg_batch.metrics import port_message
+
+                raise MetricsPortError(port_message(cfg.metrics.host, cfg.metrics.port, e)) from None
             try:
                 if todo:
                     started_ray = connect(cfg.cluster)

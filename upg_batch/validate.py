@@ -17,7 +17,8 @@ import pyarrow as pa
 from upg_batch.config import JobConfig
 from upg_batch.plan import make_plan
 from upg_batch.rows import Prompting, WorkSpec, output_schema, prepare_rows
-from upg_batch.runner import ModelError, check_chat_template, check_model_dir
+from upg_batch.metrics import port_problem
+from upg_batch.runner import MetricsPortError, ModelError, check_chat_template, check_model_dir
 
 __all__ = ["validate", "format_report"]
 
@@ -28,6 +29,9 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
     from upg_batch.engine import Engine, EngineError, SamplingParams
 
     check_model_dir(cfg)
+    port = port_problem(cfg.metrics.host, cfg.metrics.port)  # e.g. taken by a job running now
+    if port:
+        raise MetricsPortError(port)
     template = check_chat_template(cfg)  # before loading the weights: the cheap check first
     plan = make_plan(cfg)
     m = cfg.model
