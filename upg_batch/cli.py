@@ -2,7 +2,7 @@
 
 Exit status: 0 when the job finished (error rows are results, not failures); 2 for a job
 that cannot start (config, dataset, output folder, model); 1 when a started job could not
-finish; 130 on Ctrl-C. Every failure prints one line naming what is wrong.
+finish; 130 on Ctrl-C, 143 on SIGTERM. Every failure prints one line naming what is wrong.
 """
 
 from __future__ import annotations
@@ -16,7 +16,15 @@ from typing import Sequence
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds as Ctrl-C does. Ray re-raises an interrupt that arrives while it waits
+    as a plain KeyboardInterrupt, so the handler also sets `_sigterm`."""
+
+
+_sigterm = False
 
 
 def _job_options(p: argparse.ArgumentParser) -> None:
@@ -93,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from upg_batch.runner import JobError, MetricsPortError, ModelError
 
     # SIGTERM unwinds like Ctrl-C: actors are killed, the output folder's lock released
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cfg = load_config(args.job, _overrides(args))
         if args.command == "validate":
@@ -112,15 +120,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_BAD_JOB, str(e))
     except JobError as e:
         return _fail(EXIT_FAILED, str(e))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (_Terminated, or as Ray re-raises it)
+        if _sigterm:
+            return _fail(EXIT_TERMINATED, "terminated (SIGTERM); committed shards are kept, run the job again to resume")
         return _fail(EXIT_INTERRUPTED, "interrupted; committed shards are kept, run the job again to resume")
     except Exception as e:  # anything unforeseen: still one line (the traceback with -v)
         logging.getLogger("upg_batch").debug("unexpected error", exc_info=True)
         return _fail(EXIT_FAILED, f"{type(e).__name__}: {e}")
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _raise_terminated(signum: int, frame: object) -> None:
+    # the first SIGTERM unwinds (actors killed, lock released, Ray stopped); more while that
+    # runs would cut it short, so they are ignored
+    global _sigterm
+    _sigterm = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _Terminated
 
 
 if __name__ == "__main__":  # pragma: no cover
