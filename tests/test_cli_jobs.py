@@ -1,17 +1,42 @@
-"""The CLI on whole jobs."""
+"""The CLI on whole jobs: the error budget, --limit and --set, a taken metrics port, a complete
+job run again."""
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
-from conftest import write_job, write_prompts
+import pyarrow as pa
+import pytest
+from conftest import MSG_TYPE, read_output, write_job, write_prompts
 
 from upg_batch.cli import main
+from upg_batch.commit import MANIFEST, SUCCESS, read_committed
+
+
+def _mistyped_prompt_column(tmp_path: Path, rows: int, **sections) -> tuple[Path, Path]:
+    """A dataset with prompt and messages columns where only every 5th row is a chat row, and
+    a job whose input.prompt_column is mistyped: 80% of the rows have no prompt."""
+    msgs = [[{"role": "user", "content": f"hi {i}"}] if i % 5 == 0 else None for i in range(rows)]
+    f = write_prompts(tmp_path / "d.parquet", rows, messages=pa.array(msgs, MSG_TYPE))
+    out = tmp_path / "out"
+    sections.setdefault("input", {}).update(prompt_column="promt")
+    return write_job(tmp_path, f, out, max_error_fraction=0.1, **sections), out
 
 
 def _errors(capsys) -> list[str]:
     return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("upg-batch: error:")]
+
+
+def test_validate_exits_non_zero_when_the_rows_it_would_reject_exceed_the_budget(tmp_path: Path, capsys):
+    job, out = _mistyped_prompt_column(tmp_path, 20)
+    assert main(["validate", str(job)]) == 1
+    [err] = _errors(capsys)
+    assert "16 of 20 rows would be error rows (80.0%)" in err and "max_error_fraction 0.1" in err
+    assert "null 16" in err and "no column 'promt' (input.prompt_column)" in err
+    assert main(["validate", "--max-error-fraction", "0.8", str(job)]) == 0
+    assert not out.exists()
 
 
 def test_validate_names_a_taken_metrics_port_and_the_fix(tmp_path: Path, capsys):
@@ -24,3 +49,59 @@ def test_validate_names_a_taken_metrics_port_and_the_fix(tmp_path: Path, capsys)
     [err] = _errors(capsys)
     assert f"metrics.port {port} on 127.0.0.1" in err and "in use" in err
     assert "--set metrics.port=" in err and "0 for no endpoint" in err
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_mistyped_prompt_column_stops_the_job_early(tmp_path: Path, capsys):
+    job, out = _mistyped_prompt_column(tmp_path, 400, input={"shard_rows": 40}, cluster={"shards_in_flight": 1})
+    assert main(["run", str(job)]) == 1
+    [err] = _errors(capsys)
+    assert "job stopped:" in err and "rows so far are error rows" in err and "max_error_fraction 0.1" in err
+    assert "null" in err and "no column 'promt' (input.prompt_column)" in err and "--max-error-fraction" in err
+    committed = read_committed(out)["shards"]
+    # stopped once 200 rows were in, not after the first shard, nor at the end
+    assert 5 <= len(committed) < 10, sorted(committed)
+    assert not (out / SUCCESS).exists() and not json.loads((out / MANIFEST).read_text())["complete"]
+    entry = committed["0"]
+    assert entry["error_kinds"] == {"null": 32} and entry["error_examples"]["null"]["id"] == 1
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_small_job_is_judged_at_the_end_then_accepted_then_already_complete(tmp_path: Path, capsys):
+    # 3 bad rows, all in the first shard of 8: 15% of the job, 37% of that shard
+    prompts = [None, "", "x " * 200] + [f"prompt {i}" for i in range(3, 20)]
+    f = write_prompts(tmp_path / "d.parquet", 20, prompt=pa.array(prompts, pa.string()))
+    out = tmp_path / "out"
+    job = write_job(tmp_path, f, out, model={"context": 64}, max_error_fraction=0.1)
+    assert main(["run", str(job)]) == 1
+    [err] = _errors(capsys)
+    assert "3 of 20 rows are error rows (15.0%)" in err
+    assert len(read_committed(out)["shards"]) == 3 and not (out / SUCCESS).exists()  # every shard ran
+
+    # a higher budget accepts them (it does not change the output: the run resumes)
+    assert main(["run", "--max-error-fraction", "0.2", "--json", str(job)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows_error"] == 3 and summary["shards_skipped"] == 3 and (out / SUCCESS).exists()
+
+    assert main(["run", "--max-error-fraction", "0.2", str(job)]) == 0
+    again = capsys.readouterr().out
+    assert again.startswith(f"job already complete in {out}: nothing to run; its summary:")
+    assert "17 rows ok, 3 rows in error" in again
+
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_limit_and_set_for_a_smoke_test(tmp_path: Path, capsys):
+    f = write_prompts(tmp_path / "d.parquet", 30)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, f, out)
+    assert main(["run", "--limit", "5", "--set", "sampling.max_tokens=2", "--json", str(job)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows_total"] == 5 and summary["rows_ok"] == 5
+    table = read_output(out)
+    assert sorted(table.column("id").to_pylist()) == [0, 1, 2, 3, 4]
+    assert max(table.column("completion_tokens").to_pylist()) <= 2
+    # the whole job is another job: refused, naming the limit and the override
+    assert main(["run", str(job)]) == 2
+    [err] = _errors(capsys)
+    assert "config field input.limit: 5 -> null" in err and "config field sampling.max_tokens: 2 -> 6" in err

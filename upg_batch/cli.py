@@ -1,8 +1,10 @@
 """`upg-batch`: run or validate a job file.
 
-Exit status: 0 when the job finished (error rows are results, not failures); 2 for a job
-that cannot start (config, dataset, output folder, model); 1 when a started job could not
-finish; 130 on Ctrl-C, 143 on SIGTERM. Every failure prints one line naming what is wrong.
+Exit status: 0 when the job finished (error rows are results, not failures, up to
+max_error_fraction); 2 for a job that cannot start (config, dataset, output folder, model,
+metrics port); 1 when a started job could not finish, or stopped over its error budget (and
+for `validate`, when the rows it would reject are over it); 130 on Ctrl-C, 143 on SIGTERM.
+Every failure prints one line naming what is wrong.
 """
 
 from __future__ import annotations
@@ -34,12 +36,18 @@ def _job_options(p: argparse.ArgumentParser) -> None:
         help="override a job field, e.g. --set sampling.max_tokens=8 (dotted key; the value is read as YAML; repeatable)",
     )
     p.add_argument("--limit", type=int, metavar="N", help="only the first N rows, for a smoke test (input.limit)")
+    p.add_argument(
+        "--max-error-fraction", type=float, metavar="F",
+        help="stop when more than this fraction of the rows are error rows (max_error_fraction; default 0.1)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     out = list(args.overrides)
     if args.limit is not None:
         out.append(f"input.limit={args.limit}")
+    if args.max_error_fraction is not None:
+        out.append(f"max_error_fraction={args.max_error_fraction!r}")
     return out
 
 
@@ -95,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     # imported here so `--help` answers at once
+    from upg_batch.budget import ErrorBudgetError
     from upg_batch.commit import OutputError
     from upg_batch.config import ConfigError, load_config
     from upg_batch.plan import DatasetError
@@ -105,11 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.job, _overrides(args))
         if args.command == "validate":
-            from upg_batch.validate import format_report, validate
+            from upg_batch.validate import budget_error, format_report, validate
 
             report = validate(cfg)
             print(json.dumps(report, indent=1) if args.json else format_report(report))
-            return EXIT_OK
+            problem = budget_error(report)
+            return _fail(EXIT_FAILED, problem) if problem else EXIT_OK
         from upg_batch.progress import format_summary
         from upg_batch.runner import Runner
 
@@ -118,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except (ConfigError, DatasetError, OutputError, ModelError, MetricsPortError) as e:
         return _fail(EXIT_BAD_JOB, str(e))
-    except JobError as e:
+    except (JobError, ErrorBudgetError) as e:
         return _fail(EXIT_FAILED, str(e))
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (_Terminated, or as Ray re-raises it)
         if _sigterm:

@@ -101,6 +101,7 @@ class Committer:
         self.runs = 0
         self.rows_committed = 0  # rows of all recorded shards, kept as shards are committed
         self.failed_shards = 0  # recorded shards that ended as error rows (failed: true)
+        self.error_rows = 0  # error rows of all recorded shards
         self.log = CommitLog(self.dir)
         self.snapshot_bytes = 0  # size of the snapshot last written or read
         self.snapshot_writes = 0  # snapshots this run wrote (each O(shards))
@@ -180,6 +181,7 @@ class Committer:
     def _recount(self) -> None:
         self.rows_committed = sum(int(e["rows"]) for e in self.shards.values())
         self.failed_shards = sum(1 for e in self.shards.values() if e.get("failed"))
+        self.error_rows = sum(int(e.get("errors", 0)) for e in self.shards.values())
 
     def begin(self) -> None:
         """Record this run (and the fingerprint) in the manifest: called once the job is about
@@ -256,6 +258,7 @@ class Committer:
         self.shards[index] = entry
         self.rows_committed += batch.num_rows
         self.failed_shards += bool(info.get("failed"))
+        self.error_rows += int(info.get("errors", 0))
         if self.log.size > max(self.snapshot_bytes, COMPACT_MIN_BYTES):
             self._compact()
         return time.perf_counter() - t0

@@ -135,6 +135,9 @@ class JobConfig(_Section):
     cluster: ClusterSection = ClusterSection()
     metrics: MetricsSection = MetricsSection()
     progress: ProgressSection = ProgressSection()
+    max_error_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="Stop the job when more than this fraction of committed rows are error rows (1: never)."
+    )
 
     @model_validator(mode="after")
     def _columns_distinct(self) -> "JobConfig":

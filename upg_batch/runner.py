@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from upg_batch import budget
 from upg_batch.actor import test_hooks_from_env
 from upg_batch.chat import ChatTemplateError, load_chat_template
 from upg_batch.cluster import Slot, connect, kill_actor, no_slots_message, node_alive, plan_slots, shared_gpu_warnings, start_actor
@@ -120,6 +121,7 @@ class Runner:
                     finally:
                         if started_ray:
                             ray.shutdown()
+                budget.check(committer, plan.total_rows, cfg.max_error_fraction, final=True)
                 summary = self._summary(plan, committer, stats, skipped, time.monotonic() - t_start)
                 if not todo:
                     committer.begin()
@@ -362,6 +364,8 @@ class _Loop:
             "completion_tokens": result.completion_tokens,
             "generate_s": round(result.generate_s, 4),
         }
+        if result.error_kinds:
+            info.update(error_kinds=result.error_kinds, error_examples=result.error_examples)
         seconds = self.committer.commit(index, result.batch, info)
         self.suspects.discard(index)
         self.metrics.observe_commit(seconds)
@@ -378,6 +382,7 @@ class _Loop:
 
     def _after_rows(self) -> None:
         self.metrics.set_rows(self.plan.total_rows, self.committer.rows_committed)
+        budget.check(self.committer, self.plan.total_rows, self.cfg.max_error_fraction)
 
     def _shard_failed(self, index: int, cause: str, charge: bool = True) -> None:
         """An attempt of shard `index` failed: try again, or after max_attempts commit its
@@ -402,7 +407,9 @@ class _Loop:
             return
         log.error("%s; its %d rows become error rows", message, shard.rows)
         batch = error_batch(shard, self.spec, message)
-        seconds = self.committer.commit(index, batch, {"ok": 0, "errors": shard.rows, "node": None, "attempt": self.attempts[index], "failed": True})
+        examples = {"shard_failed": {"id": shard.name, "error": message[:300]}}
+        info = {"ok": 0, "errors": shard.rows, "node": None, "attempt": self.attempts[index], "failed": True}
+        seconds = self.committer.commit(index, batch, {**info, "error_kinds": {"shard_failed": shard.rows}, "error_examples": examples})
         self.suspects.discard(index)
         self.metrics.observe_commit(seconds)
         self.metrics.rows_done("error", shard.rows)
