@@ -1,5 +1,5 @@
 """The CLI on whole jobs: the error budget, --limit and --set, a taken metrics port, a complete
-job run again."""
+job run again, and `show`."""
 
 from __future__ import annotations
 
@@ -64,10 +64,13 @@ def test_a_mistyped_prompt_column_stops_the_job_early(tmp_path: Path, capsys):
     assert not (out / SUCCESS).exists() and not json.loads((out / MANIFEST).read_text())["complete"]
     entry = committed["0"]
     assert entry["error_kinds"] == {"null": 32} and entry["error_examples"]["null"]["id"] == 1
+    assert main(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert f"incomplete: {len(committed)} of 10 shards committed" in shown and "no column 'promt'" in shown
 
 
 @pytest.mark.usefixtures("local_ray")
-def test_a_small_job_is_judged_at_the_end_then_accepted_then_already_complete(tmp_path: Path, capsys):
+def test_a_small_job_is_judged_at_the_end_then_accepted_then_already_complete_and_shown(tmp_path: Path, capsys):
     # 3 bad rows, all in the first shard of 8: 15% of the job, 37% of that shard
     prompts = [None, "", "x " * 200] + [f"prompt {i}" for i in range(3, 20)]
     f = write_prompts(tmp_path / "d.parquet", 20, prompt=pa.array(prompts, pa.string()))
@@ -77,6 +80,8 @@ def test_a_small_job_is_judged_at_the_end_then_accepted_then_already_complete(tm
     [err] = _errors(capsys)
     assert "3 of 20 rows are error rows (15.0%)" in err
     assert len(read_committed(out)["shards"]) == 3 and not (out / SUCCESS).exists()  # every shard ran
+    assert main(["show", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: not complete: all 3 shards committed, but no run finished the job")
 
     # a higher budget accepts them (it does not change the output: the run resumes)
     assert main(["run", "--max-error-fraction", "0.2", "--json", str(job)]) == 0
@@ -88,6 +93,23 @@ def test_a_small_job_is_judged_at_the_end_then_accepted_then_already_complete(tm
     assert again.startswith(f"job already complete in {out}: nothing to run; its summary:")
     assert "17 rows ok, 3 rows in error" in again
 
+    assert main(["show", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(f"{out}: complete (2 runs)")
+    assert "rows: 20 committed, 17 ok, 3 error rows (15.0%)" in shown
+    assert "nodes (every run):\n  127.0.0.1-" in shown and ": 3 shards, 20 rows (100.0%)" in shown  # the node's share
+    for kind, example in (("null", "prompt is null"), ("empty", "prompt is empty"), ("too_long", "the context holds 64")):
+        assert f"  {kind}: 1\n    row " in shown and example in shown
+    assert shown.count(" [length]: ") + shown.count(" [stop]: ") == 3  # three sample completions
+    assert main(["show", "--json", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["error_kinds"] == {"null": 1, "empty": 1, "too_long": 1} and len(info["samples"]) == 3
+
+
+def test_show_of_a_folder_that_is_not_output(tmp_path: Path, capsys):
+    assert main(["show", str(tmp_path)]) == 2
+    [err] = _errors(capsys)
+    assert str(tmp_path) in err and MANIFEST in err
 
 
 @pytest.mark.usefixtures("local_ray")

@@ -181,7 +181,7 @@ def test_cli_missing_job_file(tmp_path: Path, capsys):
     assert "cannot read the job file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["validate", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["validate", "--help"], ["show", "--help"]])
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)

@@ -81,6 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     val.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     _job_options(val)
+    show = sub.add_parser(
+        "show",
+        help="summarize an output folder",
+        description="Summarize OUT (a job's output.path, complete or not): the summary, each node's share, "
+        "error rows by kind with examples, and a few sample completions.",
+    )
+    show.add_argument("out", metavar="OUT", help="the output folder")
+    show.add_argument("--samples", type=int, default=3, metavar="N", help="sample completions to print (default 3)")
+    show.add_argument("--json", action="store_true", help="print it as JSON on stdout")
+    show.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -112,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C: actors are killed, the output folder's lock released
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        if args.command == "show":
+            from upg_batch.show import format_show, show
+
+            info = show(args.out, samples=args.samples)
+            print(json.dumps(info, indent=1, default=str) if args.json else format_show(info))
+            return EXIT_OK
         cfg = load_config(args.job, _overrides(args))
         if args.command == "validate":
             from upg_batch.validate import budget_error, format_report, validate
