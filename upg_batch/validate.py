@@ -14,10 +14,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from upg_batch import budget
 from upg_batch.config import JobConfig
 from upg_batch.plan import make_plan
 from upg_batch.rows import Prompting, WorkSpec, output_schema, prepare_rows
-from upg_batch import budget
 from upg_batch.metrics import port_problem
 from upg_batch.runner import MetricsPortError, ModelError, check_chat_template, check_model_dir
 
