@@ -40,8 +40,9 @@ def corrupt_row_group(path: Path, group: int) -> None:
             f.write(b"\xff" * 16)
 
 
-def write_job(tmp: Path, data: str | Path, out: str | Path = "out", **sections: dict[str, Any]) -> Path:
-    """A job file in `tmp`; `sections` update the defaults section by section."""
+def write_job(tmp: Path, data: str | Path, out: str | Path = "out", **sections: Any) -> Path:
+    """A job file in `tmp`; `sections` update the defaults section by section (a value that
+    is not a mapping sets a top-level key, e.g. max_error_fraction=0.1)."""
     job: dict[str, Any] = {
         "model": {"path": str(MODEL), "max_batch": 8},
         "input": {"path": str(data), "id_column": "id", "shard_rows": 8},
@@ -49,9 +50,14 @@ def write_job(tmp: Path, data: str | Path, out: str | Path = "out", **sections: 
         "sampling": {"max_tokens": 6, "temperature": 0.0},
         "metrics": {"port": 0},
         "progress": {"bar": "off", "log_interval_s": 60},
+        # the tests make error rows on purpose; those about the error budget set it
+        "max_error_fraction": 1.0,
     }
     for name, values in sections.items():
-        job.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            job.setdefault(name, {}).update(values)
+        else:
+            job[name] = values
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path

@@ -163,7 +163,7 @@ def test_every_field_is_documented():
     for section_name, field in JobConfig.model_fields.items():
         model = field.annotation
         assert f"`{section_name}`" in doc, section_name
-        for name in model.model_fields:  # type: ignore[union-attr]
+        for name in getattr(model, "model_fields", ()):  # top-level fields that are not sections have none
             assert f"`{section_name}.{name}`" in doc, f"{section_name}.{name} is not in docs/config.md"
 
 
@@ -181,7 +181,7 @@ def test_cli_missing_job_file(tmp_path: Path, capsys):
     assert "cannot read the job file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["validate", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["validate", "--help"], ["show", "--help"]])
 def test_help_everywhere(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -249,3 +249,61 @@ def test_yaml_merges_and_aliases_are_not_duplicates(tmp_path: Path):
     p.write_text("model: {path: m}\ninput: &in {path: d}\noutput: {<<: *in, path: o}\nsampling: {stop: &s [a], max_tokens: 3}\n")
     cfg = load_config(p)
     assert cfg.output.path == tmp_path / "o" and cfg.sampling.stop == ("a",)
+
+
+@pytest.mark.parametrize("text, bar", [("off", "off"), ("on", "on"), ("'off'", "off"), ("auto", "auto"), ("false", "off"), ("yes", "on")])
+def test_progress_bar_unquoted_on_and_off(tmp_path: Path, text: str, bar: str):
+    """YAML 1.1 reads an unquoted off/on (no/yes) as a boolean: accepted as the word."""
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: {{path: m}}\ninput: {{path: d}}\noutput: {{path: o}}\nprogress: {{bar: {text}}}\n")
+    assert load_config(job).progress.bar == bar
+
+
+def test_max_error_fraction_is_a_top_level_key():
+    assert parse_config(BASE).max_error_fraction == 0.1
+    assert parse_config({**BASE, "max_error_fraction": 1}).max_error_fraction == 1.0
+    with pytest.raises(ConfigError, match="'max_error_fraction'"):
+        parse_config({**BASE, "max_error_fraction": 1.5})
+    with pytest.raises(ConfigError, match="did you mean 'max_error_fraction'"):
+        parse_config({**BASE, "max_errors_fraction": 0.5})
+
+
+def test_set_overrides_dotted_keys_with_yaml_values_and_the_files_validation(tmp_path: Path, monkeypatch):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_with("sampling", max_tokens=5)))
+    cfg = load_config(job, ["sampling.max_tokens=8", "sampling.stop=[a, b]", "progress.bar=off", "model.context=null", "input.limit=3"])
+    assert cfg.sampling.max_tokens == 8 and cfg.sampling.stop == ("a", "b") and cfg.progress.bar == "off"
+    assert cfg.model.context is None and cfg.input.limit == 3
+    assert load_config(job, ["max_error_fraction=0.5"]).max_error_fraction == 0.5
+    # paths set on the command line are relative to the current folder
+    monkeypatch.chdir(tmp_path / ".." )
+    assert load_config(job, ["output.path=elsewhere"]).output.path == (tmp_path / ".." / "elsewhere").resolve()
+    with pytest.raises(ConfigError, match="unknown key 'sampling.max_token'.*did you mean 'sampling.max_tokens'"):
+        load_config(job, ["sampling.max_token=8"])
+    with pytest.raises(ConfigError, match="'sampling.max_tokens'"):
+        load_config(job, ["sampling.max_tokens=many"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(job, ["sampling.max_tokens"])
+    with pytest.raises(ConfigError, match="'model.path' .* is not a section"):
+        load_config(job, ["model.path.x=1"])
+
+
+def test_cli_set_limit_and_max_error_fraction_reach_the_config(tmp_path: Path, capsys, monkeypatch):
+    """`validate` takes the same options as `run`: a bad --set value is named in one line."""
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump(BASE))
+    assert main(["validate", "--set", "sampling.temperature=hot", str(p)]) == 2
+    assert "'sampling.temperature'" in capsys.readouterr().err
+    assert main(["run", "--limit", "0", str(p)]) == 2
+    assert "'input.limit'" in capsys.readouterr().err
+    assert main(["run", "--max-error-fraction", "2", str(p)]) == 2
+    assert "'max_error_fraction'" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import upg_batch
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"upg-batch {upg_batch.__version__}"

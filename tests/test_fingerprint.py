@@ -69,3 +69,41 @@ def test_fused_is_part_of_a_gpu_jobs_config_but_not_a_cpu_jobs():
     assert fields(backend="cpu", fused=False) == fields(backend="cpu", fused=True)
     assert fields()["model"] == {"backend": "cpu", "weights": "f32", "context": None}
     assert fields(backend="gpu") != fields(backend="cpu")
+
+
+def _inputs(tmp_path: Path, model: Path, **sections):
+    from upg_batch.fingerprint import digest_inputs, fingerprint_inputs
+
+    cfg = load_config(write_job(tmp_path, tmp_path / "data", model={"path": str(model)}, **sections))
+    inputs = fingerprint_inputs(cfg, make_plan(cfg))
+    return digest_inputs(inputs), inputs
+
+
+def test_a_refused_resume_names_what_changed(tmp_path: Path):
+    """The manifest keeps what the fingerprint digests, so a changed job's refusal names the
+    config field (old and new value), the model file and the dataset file that changed."""
+    model = tmp_path / "model"
+    shutil.copytree(MODEL, model)
+    write_prompts(tmp_path / "data" / "a.parquet", 3)
+    out = tmp_path / "out"
+    fp, inputs = _inputs(tmp_path, model)
+    assert fingerprint(load_config(tmp_path / "job.yaml"), make_plan(load_config(tmp_path / "job.yaml"))) == fp
+    c = Committer(out, fp, 1, "arrow", inputs=inputs)
+    c.begin()
+    c.close()
+
+    def refusal(**sections) -> str:
+        fp2, inputs2 = _inputs(tmp_path, model, **sections)
+        with pytest.raises(OutputError) as e:
+            Committer(out, fp2, 1, "arrow", inputs=inputs2)
+        return str(e.value)
+
+    msg = refusal(sampling={"max_tokens": 3})
+    assert "(its config differs): config field sampling.max_tokens: 6 -> 3;" in msg and "--overwrite" in msg
+    assert "config field input.limit: null -> 2" in refusal(input={"limit": 2})
+    st = (model / "tokenizer.json").stat()
+    os.utime(model / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert "(its model differs): model file model.safetensors changed;" in refusal()
+    shutil.copytree(MODEL, model, dirs_exist_ok=True)  # the weights' times as they were
+    write_prompts(tmp_path / "data" / "b.parquet", 2)
+    assert "(its dataset differs): dataset file b.parquet added;" in refusal()

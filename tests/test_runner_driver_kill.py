@@ -83,3 +83,48 @@ def test_driver_killed_mid_job_then_run_again(tmp_path: Path, local_ray):
     ref_out = tmp_path / "ref"
     Runner(load_config(write_job(tmp_path, f, ref_out))).run()
     assert read_output(ref_out).sort_by("id").equals(resumed)
+
+
+def test_sigterm_stops_like_ctrl_c(tmp_path: Path):
+    """SIGTERM to the driver (as a scheduler or `kill` sends it): one line, exit 143, the
+    committed shards kept and the folder unlocked, Ray's processes gone; `run` again resumes."""
+    f = write_prompts(tmp_path / "d.parquet", 64)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, f, out)  # 8 shards of 8 rows
+    log = tmp_path / "log.txt"
+    proc = _cli(job, log, UPG_BATCH_TEST_SHARD_DELAY_S="1.0")
+    try:
+        deadline = time.monotonic() + 180
+        while _committed(out) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # the driver alone
+        assert proc.wait(timeout=60) == 143, log.read_text()
+        # the private Ray the driver started is gone with it
+        deadline = time.monotonic() + 30
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid)
+    finally:
+        _kill_group(proc)
+    text = log.read_text()
+    # (Ray prints a notice about its token authentication when it starts; nothing else may show)
+    lines = [ln for ln in text.splitlines() if ln.strip() and "Token authentication is enabled" not in ln]
+    assert lines == ["upg-batch: error: terminated (SIGTERM); committed shards are kept, run the job again to resume"], text
+    done = _committed_shards(out)
+    assert 2 <= len(done) < 8 and not (out / SUCCESS).exists()
+    assert sorted(read_output(out).column("id").to_pylist()) == sorted(i for s in done for i in range(8 * s, 8 * s + 8))
+
+    again = _cli(job, log)
+    try:
+        assert again.wait(timeout=240) == 0, log.read_text()
+    finally:
+        _kill_group(again)
+    assert sorted(read_output(out).column("id").to_pylist()) == list(range(64))
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,8 +1,10 @@
 """`upg-batch`: run or validate a job file.
 
-Exit status: 0 when the job finished (error rows are results, not failures); 2 for a job
-that cannot start (config, dataset, output folder, model); 1 when a started job could not
-finish; 130 on Ctrl-C. Every failure prints one line naming what is wrong.
+Exit status: 0 when the job finished (error rows are results, not failures, up to
+max_error_fraction); 2 for a job that cannot start (config, dataset, output folder, model,
+metrics port); 1 when a started job could not finish, or stopped over its error budget (and
+for `validate`, when the rows it would reject are over it); 130 on Ctrl-C, 143 on SIGTERM.
+Every failure prints one line naming what is wrong.
 """
 
 from __future__ import annotations
@@ -16,14 +18,47 @@ from typing import Sequence
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: unwinds as Ctrl-C does. Ray re-raises an interrupt that arrives while it waits
+    as a plain KeyboardInterrupt, so the handler also sets `_sigterm`."""
+
+
+_sigterm = False
+
+
+def _job_options(p: argparse.ArgumentParser) -> None:
+    """Options that change the job file's fields (applied after it is read, then validated)."""
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a job field, e.g. --set sampling.max_tokens=8 (dotted key; the value is read as YAML; repeatable)",
+    )
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N rows, for a smoke test (input.limit)")
+    p.add_argument(
+        "--max-error-fraction", type=float, metavar="F",
+        help="stop when more than this fraction of the rows are error rows (max_error_fraction; default 0.1)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    if args.limit is not None:
+        out.append(f"input.limit={args.limit}")
+    if args.max_error_fraction is not None:
+        out.append(f"max_error_fraction={args.max_error_fraction!r}")
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
+    from upg_batch import __version__
+
     p = argparse.ArgumentParser(
         prog="upg-batch",
         description="Distributed batch inference: Parquet prompts in, Arrow completions out, over a Ray cluster.",
     )
+    p.add_argument("--version", action="version", version=f"upg-batch {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     run = sub.add_parser(
         "run",
@@ -33,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("job", metavar="JOB.yaml", help="the job file (docs/config.md)")
     run.add_argument("--overwrite", action="store_true", help="replace output of a different job in output.path")
+    _job_options(run)
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     val = sub.add_parser(
@@ -44,6 +80,17 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("job", metavar="JOB.yaml", help="the job file (docs/config.md)")
     val.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     val.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _job_options(val)
+    show = sub.add_parser(
+        "show",
+        help="summarize an output folder",
+        description="Summarize OUT (a job's output.path, complete or not): the summary, each node's share, "
+        "error rows by kind with examples, and a few sample completions.",
+    )
+    show.add_argument("out", metavar="OUT", help="the output folder")
+    show.add_argument("--samples", type=int, default=3, metavar="N", help="sample completions to print (default 3)")
+    show.add_argument("--json", action="store_true", help="print it as JSON on stdout")
+    show.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -66,21 +113,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     # imported here so `--help` answers at once
+    from upg_batch.budget import ErrorBudgetError
     from upg_batch.commit import OutputError
     from upg_batch.config import ConfigError, load_config
     from upg_batch.plan import DatasetError
     from upg_batch.runner import JobError, MetricsPortError, ModelError
 
     # SIGTERM unwinds like Ctrl-C: actors are killed, the output folder's lock released
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        cfg = load_config(args.job)
+        if args.command == "show":
+            from upg_batch.show import format_show, show
+
+            info = show(args.out, samples=args.samples)
+            print(json.dumps(info, indent=1, default=str) if args.json else format_show(info))
+            return EXIT_OK
+        cfg = load_config(args.job, _overrides(args))
         if args.command == "validate":
-            from upg_batch.validate import format_report, validate
+            from upg_batch.validate import budget_error, format_report, validate
 
             report = validate(cfg)
             print(json.dumps(report, indent=1) if args.json else format_report(report))
-            return EXIT_OK
+            problem = budget_error(report)
+            return _fail(EXIT_FAILED, problem) if problem else EXIT_OK
         from upg_batch.progress import format_summary
         from upg_batch.runner import Runner
 
@@ -89,17 +144,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except (ConfigError, DatasetError, OutputError, ModelError, MetricsPortError) as e:
         return _fail(EXIT_BAD_JOB, str(e))
-    except JobError as e:
+    except (JobError, ErrorBudgetError) as e:
         return _fail(EXIT_FAILED, str(e))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (_Terminated, or as Ray re-raises it)
+        if _sigterm:
+            return _fail(EXIT_TERMINATED, "terminated (SIGTERM); committed shards are kept, run the job again to resume")
         return _fail(EXIT_INTERRUPTED, "interrupted; committed shards are kept, run the job again to resume")
     except Exception as e:  # anything unforeseen: still one line (the traceback with -v)
         logging.getLogger("upg_batch").debug("unexpected error", exc_info=True)
         return _fail(EXIT_FAILED, f"{type(e).__name__}: {e}")
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _raise_terminated(signum: int, frame: object) -> None:
+    # the first SIGTERM unwinds (actors killed, lock released, Ray stopped); more while that
+    # runs would cut it short, so they are ignored
+    global _sigterm
+    _sigterm = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _Terminated
 
 
 if __name__ == "__main__":  # pragma: no cover

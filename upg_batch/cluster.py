@@ -11,7 +11,9 @@ import collections
 import contextlib
 import logging
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -30,7 +32,7 @@ def connect(cluster: ClusterSection) -> bool:
     """Initialize Ray unless it already is. Returns True if this call started or joined it."""
     if ray.is_initialized():
         return False
-    with _neutral_cwd():
+    with _neutral_cwd(), _keep_sigterm_handler():
         if cluster.address is None:
             # A private Ray on this machine: bound to loopback because Ray's ports run code
             # for anyone who reaches them.
@@ -49,6 +51,21 @@ def connect(cluster: ClusterSection) -> bool:
         else:
             ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     return True
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Keep the driver's SIGTERM handler through ray.init, which installs its own (one that
+    exits at once, from wherever the driver is, with Ray's messages on the way); the CLI's
+    unwinds the job as Ctrl-C does. A default handler is left to Ray (which then stops its
+    local processes on SIGTERM). Only the main thread can set handlers."""
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(old):
+            signal.signal(signal.SIGTERM, old)
 
 
 @contextlib.contextmanager

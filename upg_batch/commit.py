@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from upg_batch.fingerprint import describe_changes
 from upg_batch.manifest import (
     LOG,
     MANIFEST,
@@ -95,13 +96,18 @@ def _ours(name: str) -> bool:
 class Committer:
     """Owns one output folder for the length of a run (an exclusive lock keeps others out)."""
 
-    def __init__(self, out_dir: Path, fingerprint: dict[str, str], total_shards: int, fmt: str, overwrite: bool = False) -> None:
+    def __init__(
+        self, out_dir: Path, fingerprint: dict[str, str], total_shards: int, fmt: str, overwrite: bool = False, inputs: dict[str, Any] | None = None
+    ) -> None:
         self.dir = Path(out_dir)
         # folders this run created (outermost first): removed again if the run ends before
         # writing to them
         self._created = _make_dirs(self.dir)
         self.fmt = fmt
         self.fingerprint = dict(fingerprint)
+        # what the fingerprint digests (fingerprint.fingerprint_inputs), kept in the manifest so
+        # that a later run of a changed job can be told what changed
+        self.inputs = inputs
         self.total_shards = total_shards
         self._begun = False
         # --overwrite: the old output is deleted in begin(), once every pre-flight check passed
@@ -110,6 +116,7 @@ class Committer:
         self.runs = 0
         self.rows_committed = 0  # rows of all recorded shards, kept as shards are committed
         self.failed_shards = 0  # recorded shards that ended as error rows (failed: true)
+        self.error_rows = 0  # error rows of all recorded shards
         self.log = CommitLog(self.dir)
         self.snapshot_bytes = 0  # size of the snapshot last written or read
         self.snapshot_writes = 0  # snapshots this run wrote (each O(shards))
@@ -163,9 +170,11 @@ class Committer:
             old = manifest.get("fingerprint", {})
             if old.get("job") != self.fingerprint["job"]:
                 differ = [k for k in ("config", "model", "dataset", "version") if old.get(k) != self.fingerprint.get(k)]
+                changes = describe_changes(manifest["fingerprint_inputs"], self.inputs) if manifest.get("fingerprint_inputs") and self.inputs else []
                 raise OutputError(
-                    f"{self.dir}: holds output of a different job (its {', '.join(differ) or 'fingerprint'} differs); "
-                    "run with --overwrite to replace it, or choose another output.path"
+                    f"{self.dir}: holds output of a different job (its {', '.join(differ) or 'fingerprint'} differs)"
+                    + (f": {'; '.join(changes)}" if changes else "")
+                    + "; run with --overwrite to replace it, or choose another output.path"
                 )
             self.shards = {int(k): v for k, v in manifest.get("shards", {}).items()}
             self.runs = int(manifest.get("runs", 0))
@@ -188,6 +197,7 @@ class Committer:
     def _recount(self) -> None:
         self.rows_committed = sum(int(e["rows"]) for e in self.shards.values())
         self.failed_shards = sum(1 for e in self.shards.values() if e.get("failed"))
+        self.error_rows = sum(int(e.get("errors", 0)) for e in self.shards.values())
 
     def begin(self) -> None:
         """Record this run (and the fingerprint) in the manifest: called once the job is about
@@ -267,6 +277,16 @@ class Committer:
             )
 
     # -- committing ------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        """The folder holds the whole job: marked complete and every shard committed."""
+        return self._complete and len(self.shards) == self.total_shards
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """The summary stored when the job completed."""
+        return self._summary
+
     def is_committed(self, index: int) -> bool:
         return index in self.shards
 
@@ -305,6 +325,7 @@ class Committer:
         self.shards[index] = entry
         self.rows_committed += batch.num_rows
         self.failed_shards += bool(info.get("failed"))
+        self.error_rows += int(info.get("errors", 0))
         if self.log.size > max(self.snapshot_bytes, COMPACT_MIN_BYTES):
             self._compact()
         return time.perf_counter() - t0
@@ -328,6 +349,7 @@ class Committer:
         data = {
             "version": MANIFEST_VERSION,
             "fingerprint": self.fingerprint,
+            **({"fingerprint_inputs": self.inputs} if self.inputs is not None else {}),
             "total_shards": self.total_shards,
             "format": self.fmt,
             "runs": self.runs,

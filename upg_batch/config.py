@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -60,6 +60,7 @@ class InputSection(_Section):
     messages_column: str = Field("messages", description="Optional column of chat messages (list of {role, content}).")
     id_column: str | None = Field(None, description="Column with a unique row id (null: 'file:row').")
     shard_rows: int = Field(256, ge=1, description="Rows per shard (the unit of work, commit and retry).")
+    limit: int | None = Field(None, ge=1, description="Only the first N rows of the dataset, for a smoke test (null: every row).")
 
 
 class OutputSection(_Section):
@@ -129,6 +130,12 @@ class MetricsSection(_Section):
 
 class ProgressSection(_Section):
     bar: Literal["auto", "on", "off"] = Field("auto", description="tqdm bar (auto: when stderr is a TTY).")
+
+    @field_validator("bar", mode="before")
+    @classmethod
+    def _bar_bool(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted on/off (yes/no) as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
     log_interval_s: float = Field(10.0, gt=0, description="Seconds between progress log lines without a bar.")
 
 
@@ -140,6 +147,9 @@ class JobConfig(_Section):
     cluster: ClusterSection = ClusterSection()
     metrics: MetricsSection = MetricsSection()
     progress: ProgressSection = ProgressSection()
+    max_error_fraction: float = Field(
+        0.1, ge=0.0, le=1.0, description="Stop the job when more than this fraction of committed rows are error rows (1: never)."
+    )
 
     @model_validator(mode="after")
     def _columns_distinct(self) -> "JobConfig":
@@ -161,8 +171,9 @@ class JobConfig(_Section):
         return self.model_copy(update={"model": model, "input": inp, "output": out})
 
 
-def load_config(path: str | os.PathLike[str]) -> JobConfig:
-    """Read, validate and resolve a job file. Raises ConfigError naming what is wrong."""
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
+    """Read, validate and resolve a job file, with `--set KEY=VALUE` overrides applied first
+    (overrides.py). Raises ConfigError naming what is wrong."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -174,6 +185,10 @@ def load_config(path: str | os.PathLike[str]) -> JobConfig:
         data = load_yaml(text)  # safe_load, refusing duplicate keys and runaway nesting
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({_one_line(str(e))})") from None
+    if overrides:
+        from upg_batch.overrides import apply_overrides
+
+        data = apply_overrides(data, overrides, source=str(path))
     return parse_config(data, source=str(path)).resolved(path.resolve().parent)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from upg_batch.config import JobConfig
 from upg_batch.plan import Plan
 
-__all__ = ["fingerprint", "config_fields"]
+__all__ = ["config_fields", "describe_changes", "digest_inputs", "fingerprint", "fingerprint_inputs"]
 
 _MODEL_JSON = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 _EDGE = 1 << 16  # bytes hashed at each end of a weight file without a parseable header
@@ -42,6 +42,8 @@ def config_fields(cfg: JobConfig) -> dict[str, Any]:
             "messages_column": cfg.input.messages_column,
             "id_column": cfg.input.id_column,
             "shard_rows": cfg.input.shard_rows,
+            # only when set, so a job without a limit keeps the fingerprint it had before the key
+            **({"limit": cfg.input.limit} if cfg.input.limit is not None else {}),
         },
         "output": {"format": cfg.output.format, "passthrough": list(cfg.output.passthrough)},
         "sampling": cfg.sampling.model_dump(mode="json"),
@@ -95,16 +97,71 @@ def dataset_fingerprint(plan: Plan) -> list[Any]:
     return [[f.key, f.size, f.num_rows, _parquet_footer_hash(f.path, f.size)] for f in plan.files]
 
 
-def fingerprint(cfg: JobConfig, plan: Plan) -> dict[str, str]:
-    """Digests of config, model and dataset, the upg-batch version, and one over all of them."""
+def fingerprint_inputs(cfg: JobConfig, plan: Plan) -> dict[str, Any]:
+    """What the fingerprint digests: config fields, model files, dataset files, the upg-batch
+    version. Kept in the manifest, so a refused resume can name what changed."""
     from upg_batch import __version__
 
-    parts = {
-        "config": _digest(config_fields(cfg)),
-        "model": _digest(model_fingerprint(Path(cfg.model.path))),
-        "dataset": _digest(dataset_fingerprint(plan)),
+    return {
+        "config": config_fields(cfg),
+        "model": model_fingerprint(Path(cfg.model.path)),
+        "dataset": dataset_fingerprint(plan),
         "version": __version__,
+    }
+
+
+def digest_inputs(inputs: dict[str, Any]) -> dict[str, str]:
+    """Digests of config, model and dataset, the upg-batch version, and one over all of them."""
+    parts = {
+        "config": _digest(inputs["config"]),
+        "model": _digest(inputs["model"]),
+        "dataset": _digest(inputs["dataset"]),
+        "version": inputs["version"],
     }
     parts["job"] = _digest(parts)
     return parts
 
+
+def fingerprint(cfg: JobConfig, plan: Plan) -> dict[str, str]:
+    """Digests of config, model and dataset, the upg-batch version, and one over all of them."""
+    return digest_inputs(fingerprint_inputs(cfg, plan))
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def _files_changed(what: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    for name in sorted(set(old) | set(new)):
+        if name not in new:
+            out.append(f"{what} {name} removed")
+        elif name not in old:
+            out.append(f"{what} {name} added")
+        elif old[name] != new[name]:
+            out.append(f"{what} {name} changed")
+    return out
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any], most: int = 6) -> list[str]:
+    """What differs between two `fingerprint_inputs`: config fields (old -> new value), model and
+    dataset files (added, removed, changed), the version. At most `most` items, then a count."""
+    new = json.loads(json.dumps(new))  # as the manifest holds it: tuples are lists
+    out: list[str] = []
+    old_cfg, new_cfg = _flat(old.get("config", {})), _flat(new.get("config", {}))
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(key, "(unset)") != new_cfg.get(key, "(unset)"):
+            out.append(f"config field {key}: {json.dumps(old_cfg.get(key))} -> {json.dumps(new_cfg.get(key))}")
+    out += _files_changed("model file", old.get("model", {}), new.get("model", {}))
+    dataset = {str(f[0]): f[1:] for f in old.get("dataset", []) if isinstance(f, list) and f}
+    out += _files_changed("dataset file", dataset, {str(f[0]): f[1:] for f in new.get("dataset", [])})
+    if old.get("version") != new.get("version"):
+        out.append(f"upg-batch version {old.get('version')} -> {new.get('version')}")
+    if len(out) > most:
+        out = out[:most] + [f"{len(out) - most} more"]
+    return out

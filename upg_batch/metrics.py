@@ -15,9 +15,11 @@ All methods are thread-safe: the runner may call them from a polling thread.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import platform
+import socket
 import threading
 import time
 from typing import Any, Iterable, Mapping
@@ -25,7 +27,7 @@ from typing import Any, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.registry import Collector
 
-__all__ = ["JobMetrics", "OVERFLOW_NODE", "SHARD_STATES", "ROW_OUTCOMES", "is_loopback"]
+__all__ = ["JobMetrics", "OVERFLOW_NODE", "SHARD_STATES", "ROW_OUTCOMES", "is_loopback", "port_message", "port_problem"]
 
 SHARD_STATES = ("pending", "running", "committed", "failed")
 ROW_OUTCOMES = ("ok", "error")
@@ -319,3 +321,29 @@ def _dist_version(name: str) -> str:
         return version(name)
     except Exception:
         return "unknown"
+
+def port_message(host: str, port: int | None, err: OSError) -> str:
+    """Why the endpoint cannot listen at host:port, and the fix (one line)."""
+    why = err.strerror or str(err)
+    taken = err.errno == errno.EADDRINUSE
+    return (
+        f"metrics.port {port} on {host}: cannot serve metrics ({why}"
+        + ("; another upg-batch job, or another program, is using it" if taken else "")
+        + f"); set metrics.port to a free port in the job file or with --set metrics.port=PORT (0 for no endpoint)"
+    )
+
+
+def port_problem(host: str, port: int | None) -> str | None:
+    """None if the endpoint could listen at host:port now (it binds and closes a socket as the
+    HTTP server would); else the message of port_message. Port 0 or None: no endpoint, no problem."""
+    if not port:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does
+            s.bind(addr)
+    except OSError as e:
+        return port_message(host, port, e)
+    return None

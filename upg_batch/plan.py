@@ -79,7 +79,8 @@ class Plan:
 
     @property
     def total_rows(self) -> int:
-        return sum(f.num_rows for f in self.files)
+        """Rows the job runs: every row of the files, or the first input.limit of them."""
+        return sum(s.rows for s in self.shards)
 
 
 _GLOB_CHARS = set("*?[")
@@ -243,9 +244,16 @@ def make_plan(cfg: JobConfig) -> Plan:
         passthrough=tuple(cfg.output.passthrough),
     )
     shards: list[Shard] = []
+    left = inp.limit  # input.limit: the first rows only (None: all of them)
     for f in files:
         for start in range(0, f.num_rows, inp.shard_rows):
-            shards.append(Shard(len(shards), f, start, min(f.num_rows, start + inp.shard_rows)))
+            stop = min(f.num_rows, start + inp.shard_rows)
+            if left is not None:
+                if left <= 0:
+                    break
+                stop = min(stop, start + left)
+                left -= stop - start
+            shards.append(Shard(len(shards), f, start, stop))
     return Plan(
         files=tuple(files),
         shards=tuple(shards),

@@ -79,8 +79,10 @@ def _isatty(stream: TextIO) -> bool:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    """The end-of-job summary as a few human lines."""
-    lines = [
+    """The end-of-job summary as a few human lines (a job found already complete says so
+    first, then shows the summary stored when it completed)."""
+    lines = [f"job already complete in {s.get('output')}: nothing to run; its summary:"] if s.get("already_complete") else []
+    lines += [
         f"job {s['status']}: {s['rows_ok']} rows ok, {s['rows_error']} rows in error "
         f"({s['rows_total']} rows in {s['shards_total']} shards; {s['shards_skipped']} shards already committed)",
         f"tokens: {s['prompt_tokens']} prompt, {s['completion_tokens']} completion; "

@@ -17,7 +17,7 @@ from upg_batch.chat import ChatTemplate, MessagesError
 from upg_batch.config import OUTPUT_COLUMNS, JobConfig
 from upg_batch.plan import Columns, Shard, Unreadable, read_shard_rows
 
-__all__ = ["Prepared", "Prompting", "ShardResult", "WorkSpec", "derive_seed", "error_batch", "output_schema", "prepare_rows", "run_rows"]
+__all__ = ["Prepared", "id_text", "Prompting", "ShardResult", "WorkSpec", "derive_seed", "error_batch", "output_schema", "prepare_rows", "run_rows"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ class ShardResult:
     generate_s: float = 0.0
     node: str = ""
     actor_key: str = ""
+    # error rows by kind (the kinds of Prepared.kind, and "generate" for a failed generation)
+    # and the first of each kind as {"id", "error"}; the manifest keeps both per shard
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def output_schema(id_type: pa.DataType, passthrough: Sequence[tuple[str, pa.DataType]]) -> pa.Schema:
@@ -215,6 +219,12 @@ def prepare_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec
             if messages_in[i] is not None:
                 kind = "messages"
                 ids_i = prompting.chat_ids(messages_in[i])
+            elif prompts_in[i] is None and (cols_in.prompt or spec.cfg.input.prompt_column) not in names:
+                # a mistyped input.prompt_column, with a messages column present: say so
+                raise ValueError(
+                    f"{cols_in.messages or 'messages'} is null and {shard.file.key} has no column "
+                    f"'{spec.cfg.input.prompt_column}' (input.prompt_column)"
+                )
             elif prompts_in[i] is None:
                 raise ValueError(f"{cols_in.prompt or 'prompt'} is null")
             elif prompts_in[i] == "":
@@ -258,9 +268,11 @@ def run_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec, sa
     t0 = time.perf_counter()
     outs = _generate(engine, prep.todo)
     generate_s = time.perf_counter() - t0
+    kind = list(prep.kind)
     for (i, _, _), out in zip(prep.todo, outs):
         if isinstance(out, BaseException):
             error[i] = f"{type(out).__name__}: {out}"
+            kind[i] = "generate"
             continue
         completion[i] = out.text
         reason[i] = out.finish_reason
@@ -272,6 +284,14 @@ def run_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec, sa
     cols = {"completion": completion, "finish_reason": reason, "prompt_tokens": p_tok, "completion_tokens": c_tok, "error": error}
     batch = _assemble(spec, prep.ids, prep.table, cols)
     n_err = sum(e is not None for e in error)
+    kinds: dict[str, int] = {}
+    examples: dict[str, dict[str, Any]] = {}
+    for i, e in enumerate(error):
+        if e is not None:
+            k = kind[i] or "generate"
+            kinds[k] = kinds.get(k, 0) + 1
+            if k not in examples:
+                examples[k] = {"id": id_text(prep.ids, i), "error": e[:_EXAMPLE_CHARS]}
     return ShardResult(
         index=shard.index,
         attempt=0,
@@ -283,7 +303,20 @@ def run_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec, sa
         ttfts=ttfts,
         latencies=latencies,
         generate_s=generate_s,
+        error_kinds=kinds,
+        error_examples=examples,
     )
+
+
+_EXAMPLE_CHARS = 300  # of an example error message kept in the manifest
+
+
+def id_text(ids: pa.Array, i: int) -> Any:
+    """Row i's id as a Python value (an id that is not UTF-8 with its bad bytes replaced)."""
+    try:
+        return ids[i].as_py()
+    except UnicodeDecodeError:
+        return ids[i].cast(pa.binary()).as_py().decode("utf-8", "replace")
 
 
 def _generate(engine: Any, todo: list[tuple[int, list[int], Any]]) -> list[Any]:

@@ -18,12 +18,13 @@ from typing import Any, TextIO
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from upg_batch import budget
 from upg_batch.actor import test_hooks_from_env
 from upg_batch.chat import ChatTemplateError, load_chat_template
 from upg_batch.cluster import Slot, connect, kill_actor, no_slots_message, node_alive, plan_slots, shared_gpu_warnings, start_actor
 from upg_batch.commit import CommitError, Committer
 from upg_batch.config import JobConfig
-from upg_batch.fingerprint import fingerprint
+from upg_batch.fingerprint import digest_inputs, fingerprint_inputs
 from upg_batch.plan import Plan, make_plan
 from upg_batch.progress import Progress, format_summary
 from upg_batch.rows import ShardResult, WorkSpec, error_batch, output_schema
@@ -95,9 +96,12 @@ class Runner:
         check_model_dir(cfg)
         check_chat_template(cfg)
         plan = self.plan = make_plan(cfg)
-        fp = fingerprint(cfg, plan)
-        committer = Committer(cfg.output.path, fp, len(plan.shards), cfg.output.format, overwrite=self.overwrite)
+        inputs = fingerprint_inputs(cfg, plan)
+        committer = Committer(cfg.output.path, digest_inputs(inputs), len(plan.shards), cfg.output.format, overwrite=self.overwrite, inputs=inputs)
         try:
+            if committer.complete and committer.summary is not None:
+                # nothing to run: the folder holds the whole job; its stored summary answers
+                return {**committer.summary, "already_complete": True}
             skipped = sum(committer.is_committed(s.index) for s in plan.shards)
             todo = [s for s in plan.shards if not committer.is_committed(s.index)]
             spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types))))
@@ -106,7 +110,9 @@ class Runner:
             try:
                 metrics.start()
             except OSError as e:
-                raise MetricsPortError(f"metrics.port {cfg.metrics.port} on {cfg.metrics.host}: cannot serve metrics ({e.strerror or e}); choose another port, or 0 for none") from None
+                from upg_batch.metrics import port_message
+
+                raise MetricsPortError(port_message(cfg.metrics.host, cfg.metrics.port, e)) from None
             try:
                 if todo:
                     started_ray = connect(cfg.cluster)
@@ -115,6 +121,7 @@ class Runner:
                     finally:
                         if started_ray:
                             ray.shutdown()
+                budget.check(committer, plan.total_rows, cfg.max_error_fraction, final=True)
                 summary = self._summary(plan, committer, stats, skipped, time.monotonic() - t_start)
                 if not todo:
                     committer.begin()
@@ -359,6 +366,8 @@ class _Loop:
             "completion_tokens": result.completion_tokens,
             "generate_s": round(result.generate_s, 4),
         }
+        if result.error_kinds:
+            info.update(error_kinds=result.error_kinds, error_examples=result.error_examples)
         seconds = self.committer.commit(index, result.batch, info)
         self.suspects.discard(index)
         self.metrics.observe_commit(seconds)
@@ -375,6 +384,7 @@ class _Loop:
 
     def _after_rows(self) -> None:
         self.metrics.set_rows(self.plan.total_rows, self.committer.rows_committed)
+        budget.check(self.committer, self.plan.total_rows, self.cfg.max_error_fraction)
 
     def _shard_failed(self, index: int, cause: str, charge: bool = True) -> None:
         """An attempt of shard `index` failed: try again, or after max_attempts commit its
@@ -399,7 +409,9 @@ class _Loop:
             return
         log.error("%s; its %d rows become error rows", message, shard.rows)
         batch = error_batch(shard, self.spec, message)
-        seconds = self.committer.commit(index, batch, {"ok": 0, "errors": shard.rows, "node": None, "attempt": self.attempts[index], "failed": True})
+        examples = {"shard_failed": {"id": shard.name, "error": message[:300]}}
+        info = {"ok": 0, "errors": shard.rows, "node": None, "attempt": self.attempts[index], "failed": True}
+        seconds = self.committer.commit(index, batch, {**info, "error_kinds": {"shard_failed": shard.rows}, "error_examples": examples})
         self.suspects.discard(index)
         self.metrics.observe_commit(seconds)
         self.metrics.rows_done("error", shard.rows)

@@ -14,12 +14,14 @@ from typing import Any
 
 import pyarrow as pa
 
+from upg_batch import budget
 from upg_batch.config import JobConfig
 from upg_batch.plan import make_plan
 from upg_batch.rows import Prompting, WorkSpec, output_schema, prepare_rows
-from upg_batch.runner import ModelError, check_chat_template, check_model_dir
+from upg_batch.metrics import port_problem
+from upg_batch.runner import MetricsPortError, ModelError, check_chat_template, check_model_dir
 
-__all__ = ["validate", "format_report"]
+__all__ = ["budget_error", "validate", "format_report"]
 
 _EXAMPLES = 5
 
@@ -28,6 +30,9 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
     from upg_batch.engine import Engine, EngineError, SamplingParams
 
     check_model_dir(cfg)
+    port = port_problem(cfg.metrics.host, cfg.metrics.port)  # e.g. taken by a job running now
+    if port:
+        raise MetricsPortError(port)
     template = check_chat_template(cfg)  # before loading the weights: the cheap check first
     plan = make_plan(cfg)
     m = cfg.model
@@ -39,6 +44,7 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
     spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types))))
     kinds: collections.Counter[str] = collections.Counter()
     examples: list[dict[str, Any]] = []
+    first: dict[str, dict[str, Any]] = {}  # the first row of each kind
     prompt_tokens = 0
     unreadable: list[str] = []  # one line per row group whose data cannot be read
     for shard in plan.shards:
@@ -49,6 +55,8 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
             if kind is None:
                 continue
             kinds[kind] += 1
+            if kind not in first:
+                first[kind] = {"id": _id_text(prep.ids, i), "error": prep.error[i]}
             if len(examples) < _EXAMPLES:
                 examples.append({"id": _id_text(prep.ids, i), "kind": kind, "error": prep.error[i]})
     info = engine.info
@@ -72,7 +80,20 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
         "too_long": kinds.get("too_long", 0),
         "examples": examples,
         "unreadable": unreadable,
+        "max_error_fraction": cfg.max_error_fraction,
+        "over_error_budget": budget.exceeded(plan.total_rows, sum(kinds.values()), cfg.max_error_fraction),
+        "first_of_kind": first,
     }
+
+
+def budget_error(r: dict[str, Any]) -> str | None:
+    """The one-line error when the rows validate would reject exceed max_error_fraction."""
+    if not r.get("over_error_budget"):
+        return None
+    kinds = collections.Counter(r["error_kinds"])
+    examples = {k: [v] for k, v in r.get("first_of_kind", {}).items()}
+    text = budget.message(r["rows"], r["error_rows"], r["max_error_fraction"], kinds, examples, verb="would be")
+    return f"{text}; a run would stop: fix the job, or raise max_error_fraction (--max-error-fraction on run) to accept them"
 
 
 def _id_text(ids: Any, i: int) -> Any:
