@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engine import ROOT, SHAPES, make_model, machine, timed_generate  # noqa: E402
+from bench_engine import BYTES_PER_WEIGHT, ROOT, SHAPES, make_model, machine, timed_generate  # noqa: E402
 
 
 def profile_delta(eng: Any, before: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +118,7 @@ def run_peer(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(SHAPES))
-    ap.add_argument("--weights", default="f16", choices=["f32", "f16", "bf16"])
+    ap.add_argument("--weights", default="f16", choices=sorted(BYTES_PER_WEIGHT) + ["q4_k_m"])
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=16)
@@ -142,7 +142,7 @@ def main() -> int:
     probe = Engine(model_dir, backend="gpu", weights=args.weights, max_batch=1, context=args.context)
     info = probe.info
     del probe
-    bpe = {"f32": 4, "f16": 2, "bf16": 2}[args.weights]
+    bpe = BYTES_PER_WEIGHT[args.weights.replace("q4_k_m", "q4_k")]  # an untied embedding of q4_k_m is q4_k
     bytes_per_token = info["weight_bytes"] - info["vocab"] * info["hidden_size"] * bpe  # one embedding row per token
     ceiling = bandwidth / bytes_per_token
     report: dict[str, Any] = {
