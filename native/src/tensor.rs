@@ -122,10 +122,12 @@ impl HostTensor<'_> {
     /// All elements as f32, read byte by byte (the data may sit at any alignment).
     pub fn to_f32(&self) -> Vec<f32> {
         let bytes = self.bytes();
+        use rayon::prelude::*;
+        // On every core: large checkpoints convert before they are quantized.
         match self.dtype {
-            DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            DType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            DType::Bf16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            DType::F32 => bytes.par_chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            DType::F16 => bytes.par_chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            DType::Bf16 => bytes.par_chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             block => with_block_format!(block, F => quant::dequantize::<F>(bytes)),
         }
     }
