@@ -554,9 +554,11 @@ def main() -> int:
     report = run(model_dir, args.llama_cpp, args.threads, args.types.split(","), args.check, not args.no_bench, args.repack, args.wait_idle)
     print(json.dumps(report, indent=2))
     if "results" in report:
-        print(f"\n{'type':<8}{'MiB':>9}{'prefill_256':>13}{'decode_1':>10}{'decode_8':>10}{'decode_32':>11}")
+        print("\nllama-bench figures: median of its 5 repetitions; decode_8/32: llama-batched-bench S_TG; "
+              "see results[type]['repack'] and ['others_cores'] for how each was measured")
+        print(f"{'type':<8}{'MiB':>9}{'prefill_256':>13}{'decode_1':>10}{'decode_8':>10}{'decode_32':>11}")
         for q, r in report["results"].items():
-            print(f"{q:<8}{r['file_bytes'] / 2**20:>9.1f}{r.get('prefill_256', 0):>13.1f}{r.get('decode_1', 0):>10.1f}"
+            print(f"{q:<8}{r['file_bytes'] / 2**20:>9.1f}{r.get('prefill_256_median', 0):>13.1f}{r.get('decode_1_median', 0):>10.1f}"
                   f"{r.get('decode_8', 0):>10.1f}{r.get('decode_32', 0):>11.1f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
