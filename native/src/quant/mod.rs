@@ -74,6 +74,14 @@ pub(crate) fn signed_absmax(x: &[f32]) -> (f32, f32) {
     (max, amax)
 }
 
+/// The scale of ggml's Q4_0 / Q5_0 blocks: d = (the value of largest magnitude) / -half, and
+/// its inverse (0 for an all-zero block).
+pub(crate) fn signed_scale(x: &[f32], half: f32) -> (f32, f32) {
+    let (max, _) = signed_absmax(x);
+    let d = max / -half;
+    (d, if d != 0.0 { 1.0 / d } else { 0.0 })
+}
+
 /// Quantizes `values` (whole blocks of F) into F's bytes.
 pub fn quantize<F: BlockFormat>(values: &[f32]) -> Vec<u8> {
     assert_eq!(values.len() % F::WEIGHTS, 0, "quantizing needs whole blocks of {}", F::WEIGHTS);

@@ -1,7 +1,7 @@
 //! Q4_0: blocks of 32 weights, an f16 scale d then 16 bytes of 4-bit q (18 bytes); weight j
 //! is the low nibble of byte j (j < 16) or the high nibble of byte j - 16; w = d * (q - 8).
 
-use super::{f16_at, signed_absmax, BlockFormat, Group, GROUP};
+use super::{f16_at, signed_scale, BlockFormat, Group, GROUP};
 use half::f16;
 
 pub struct Q4_0;
@@ -14,9 +14,7 @@ impl BlockFormat for Q4_0 {
     /// ggml's reference: d = (the value of largest magnitude) / -8, q = min(15, trunc(v / d + 8.5)).
     fn quantize(values: &[f32], out: &mut Vec<u8>) {
         for x in values.chunks_exact(32) {
-            let (max, _) = signed_absmax(x);
-            let d = max / -8.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let (d, id) = signed_scale(x, 8.0);
             out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
             for j in 0..16 {
                 let lo = ((x[j] * id + 8.5) as i8).min(15) as u8;

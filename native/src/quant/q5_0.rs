@@ -2,7 +2,7 @@
 //! little-endian u32 for weight j) and 16 bytes of low nibbles as in Q4_0 (22 bytes);
 //! w = d * (q - 16).
 
-use super::{f16_at, signed_absmax, BlockFormat, Group, GROUP};
+use super::{f16_at, signed_scale, BlockFormat, Group, GROUP};
 use half::f16;
 
 pub struct Q5_0;
@@ -15,9 +15,7 @@ impl BlockFormat for Q5_0 {
     /// ggml's reference: d = (the value of largest magnitude) / -16, q = min(31, trunc(v / d + 16.5)).
     fn quantize(values: &[f32], out: &mut Vec<u8>) {
         for x in values.chunks_exact(32) {
-            let (max, _) = signed_absmax(x);
-            let d = max / -16.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let (d, id) = signed_scale(x, 16.0);
             let mut qh = 0u32;
             let mut qs = [0u8; 16];
             for j in 0..16 {
