@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 pub mod model;
 pub mod quant;
 pub mod tensor;

@@ -1,0 +1,1 @@
+//! The GGUF container: header, metadata, tensor directory (see the module docs).

@@ -1,0 +1,1 @@
+//! A `tokenizers::Tokenizer` from `tokenizer.ggml.*` metadata (see the module docs).
