@@ -105,7 +105,7 @@ impl Metadata {
         EngineError::field(&self.path, key, message)
     }
 
-    fn typed<T>(&self, key: &str, want: &str, f: impl Fn(&MetaValue) -> Option<T>) -> Result<Option<T>> {
+    fn typed<'a, T>(&'a self, key: &str, want: &str, f: impl Fn(&'a MetaValue) -> Option<T>) -> Result<Option<T>> {
         match self.values.get(key) {
             None => Ok(None),
             Some(v) => f(v).map(Some).ok_or_else(|| self.err(key, format!("expected {want}, found {} {}", v.type_name(), short(v)))),
@@ -141,7 +141,7 @@ impl Metadata {
     }
 
     /// An array, every element converted by `f` (the first failing index is named).
-    pub fn array_opt<T>(&self, key: &str, want: &str, f: impl Fn(&MetaValue) -> Option<T>) -> Result<Option<Vec<T>>> {
+    pub fn array_opt<'a, T>(&'a self, key: &str, want: &str, f: impl Fn(&'a MetaValue) -> Option<T>) -> Result<Option<Vec<T>>> {
         let Some(v) = self.values.get(key) else { return Ok(None) };
         let MetaValue::Array(items) = v else {
             return Err(self.err(key, format!("expected an array of {want}, found {}", v.type_name())));
