@@ -1,5 +1,7 @@
 // y (n, width) = x[src(j)] / sqrt(mean(x[src(j)]^2) + eps) * g, one workgroup per output row.
 // src(j) = j, or Idx[j] with the gather flag (the final norm of the rows whose logits are read).
+// With the in_place flag the rows of Y are normed in place (X unused): Gemma's per-head q and k
+// norms, one "row" per head.
 // Each thread sums a fixed strided subset of the row, then a fixed tree: the same order for a
 // row whatever n is.
 
@@ -9,8 +11,9 @@ struct Params {
     n: u32,
     width: u32,
     gather: u32,
-    _pad: u32,
+    in_place: u32,
     eps: f32,
+    grid_x: u32,    // workgroups along x: rows may exceed one dimension's limit
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -23,7 +26,7 @@ var<workgroup> red: array<f32, WG>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let j = wg.x;
+    let j = wg.y * P.grid_x + wg.x;
     if j >= P.n {
         return;
     }
@@ -34,7 +37,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     let x0 = src * P.width;
     var ss = 0.0;
     for (var k = t; k < P.width; k += WG) {
-        let v = X[x0 + k];
+        var v = X[x0 + k];
+        if P.in_place != 0u {
+            v = Y[x0 + k];
+        }
         ss += v * v;
     }
     red[t] = ss;
@@ -47,6 +53,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     workgroupBarrier();
     let inv = inverseSqrt(red[0] / f32(P.width) + P.eps);
     for (var k = t; k < P.width; k += WG) {
-        Y[j * P.width + k] = X[x0 + k] * inv * G[k];
+        if P.in_place != 0u {
+            Y[x0 + k] = Y[x0 + k] * inv * G[k];
+        } else {
+            Y[j * P.width + k] = X[x0 + k] * inv * G[k];
+        }
     }
 }

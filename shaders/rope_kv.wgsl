@@ -1,6 +1,6 @@
 // Rotary embeddings in the "rotate half" layout (element i pairs with i + head_dim/2) of
 // q (n, q_heads * head_dim) and k (n, kv_heads * head_dim), in place, with the step's table
-// T (n, head_dim): cos then sin of each pair's angle at the row's position. With the write
+// T (tables, n, head_dim): cos then sin of each pair's angle at the row's position. With the write
 // flag, the rotated k and the v of each row also go to the layer's cache at (slot, pos):
 // RoPE and the KV write in one dispatch. Without the rotate flag it is only the KV write
 // (then any head split of kv_dim works: head_dim = kv_dim, one head). One thread per
@@ -14,7 +14,7 @@ struct Params {
     write_kv: u32,  // 1: also write k and v to the cache
     context: u32,   // positions per cache slot
     grid_x: u32,    // threads along x (64 * workgroups)
-    rotate: u32,    // 0: only write k and v (the unfused KV write)
+    rotate: u32,    // 0: only write k and v (the unfused KV write); else 1 + the rotary table
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -40,8 +40,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     var c = 1.0;
     var s = 0.0;
     if P.rotate != 0u {
-        c = T[i * P.head_dim + p];
-        s = T[i * P.head_dim + half + p];
+        let row = (P.rotate - 1u) * P.n + i;
+        c = T[row * P.head_dim + p];
+        s = T[row * P.head_dim + half + p];
     }
     if h < P.q_heads {
         if P.rotate != 0u {

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use memmap2::Mmap;
 
 use crate::quant::{self, BlockFormat};
 use crate::with_block_format;
@@ -91,6 +90,10 @@ impl WeightFormat {
     }
 }
 
+/// Bytes a checkpoint's tensors live in: a mapped file, or an owned buffer (tensors whose rows
+/// the loader had to reorder).
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 /// One tensor of a checkpoint as it sits in a mapped file: its stored dtype, its shape and
 /// its byte range (checked against the file by the checkpoint reader). Backends upload from
 /// it; the CPU backend may keep a zero-copy view of the mapping.
@@ -99,7 +102,7 @@ pub struct HostTensor<'a> {
     pub name: &'a str,
     pub dtype: DType,
     pub shape: &'a [usize],
-    pub map: &'a Arc<Mmap>,
+    pub map: &'a SharedBytes,
     /// Byte range within `map`.
     pub start: usize,
     pub end: usize,
@@ -107,16 +110,18 @@ pub struct HostTensor<'a> {
 
 impl HostTensor<'_> {
     pub fn bytes(&self) -> &[u8] {
-        &self.map[self.start..self.end]
+        &(**self.map).as_ref()[self.start..self.end]
     }
 
     pub fn elements(&self) -> usize {
         self.shape.iter().product()
     }
 
-    /// Whether the data may be viewed in place as `format` (same dtype, aligned for it).
+    /// Whether the data may be viewed in place as `format`: the same dtype, aligned for it
+    /// (block formats are read byte by byte: any alignment).
     pub fn viewable_as(&self, format: WeightFormat) -> bool {
-        format.is_plain() && self.dtype == format && (self.map.as_ptr() as usize + self.start) % format.block().1 == 0
+        let align = if format.is_plain() { format.block().1 } else { 1 };
+        self.dtype == format && (self.bytes().as_ptr() as usize) % align == 0
     }
 
     /// All elements as f32, read byte by byte (the data may sit at any alignment).

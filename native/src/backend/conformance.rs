@@ -8,12 +8,13 @@
 use std::sync::Arc;
 
 use half::{bf16, f16};
-use memmap2::{Mmap, MmapMut};
+use memmap2::MmapMut;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{AttentionShape, Backend, CacheShape, StepInput, StepRow};
-use crate::tensor::{HostTensor, WeightFormat};
+use crate::model::config::Activation;
+use crate::tensor::{HostTensor, SharedBytes, WeightFormat};
 
 const FORMATS: [WeightFormat; 8] = WeightFormat::ALL;
 
@@ -22,7 +23,7 @@ fn random(n: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
 }
 
 /// `values` as a mapped f32 file, the form checkpoints arrive in.
-fn mapped(values: &[f32]) -> Arc<Mmap> {
+fn mapped(values: &[f32]) -> SharedBytes {
     let mut m = MmapMut::map_anon(values.len() * 4).expect("anonymous map");
     m.copy_from_slice(bytemuck::cast_slice(values));
     Arc::new(m.make_read_only().expect("read-only map"))
@@ -226,7 +227,8 @@ fn qkv<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
     }
 }
 
-/// RMSNorm (also of gathered rows), SwiGLU, residual add and embedding lookup.
+/// RMSNorm (also of gathered rows and per head), gated activations, scaling, residual add and
+/// embedding lookup.
 fn row_ops<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
     let (n, d, eps) = (6, 100, 1e-6);
     let (x, w, y) = (random(n * d, rng), random(d, rng), random(n * d, rng));
@@ -244,10 +246,29 @@ fn row_ops<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
     let want: Vec<f64> = [4, 1].iter().flat_map(|&i| want[i * d..(i + 1) * d].to_vec()).collect();
     assert_close("rmsnorm of logit rows", &b.read(2, &out).unwrap(), &want, 1e-5);
 
-    let mut g = act(b, &x, n, d);
-    b.silu_mul(n, &mut g, &act(b, &y, n, d));
-    let want: Vec<f64> = x.iter().zip(&y).map(|(&a, &c)| a as f64 / (1.0 + (-(a as f64)).exp()) * c as f64).collect();
-    assert_close("silu_mul", &b.read(n, &g).unwrap(), &want, 1e-6);
+    for activation in [Activation::Silu, Activation::GeluTanh] {
+        let mut g = act(b, &x, n, d);
+        b.gated_act(n, activation, &mut g, &act(b, &y, n, d));
+        let f = |a: f64| match activation {
+            Activation::Silu => a / (1.0 + (-a).exp()),
+            Activation::GeluTanh => 0.5 * a * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a.powi(3))).tanh()),
+        };
+        let want: Vec<f64> = x.iter().zip(&y).map(|(&a, &c)| f(a as f64) * c as f64).collect();
+        assert_close(&format!("gated_act {activation:?}"), &b.read(n, &g).unwrap(), &want, 1e-5);
+    }
+
+    // Per-head norms: d = 100 split into heads of 20 (and 4 rows of 5 heads).
+    let hd = 20;
+    let wh = random(hd, rng);
+    let mut xh = act(b, &x, n, d);
+    b.head_rmsnorm(n, &mut xh, &b.upload_vector(&wh).unwrap(), eps, hd);
+    let want: Vec<f64> = (0..n * d).map(|k| x[k] as f64 * rms(&x[k / hd * hd..(k / hd + 1) * hd], eps) * wh[k % hd] as f64).collect();
+    assert_close("head_rmsnorm", &b.read(n, &xh).unwrap(), &want, 1e-5);
+
+    let mut sc = act(b, &x, n, d);
+    b.scale(n, &mut sc, 25.3);
+    let want: Vec<f64> = x.iter().map(|&a| a as f64 * 25.3f32 as f64).collect();
+    assert_close("scale", &b.read(n, &sc).unwrap(), &want, 1e-6);
 
     let mut s = act(b, &x, n, d);
     b.add(n, &mut s, &act(b, &y, n, d));
@@ -271,19 +292,22 @@ fn row_ops<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
 /// sequences in one step), fused and unfused, against f64; then bit-identity of a row
 /// attended alone or with others.
 fn attention<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
-    for (heads, kv_heads, hd, window) in [(4, 2, 16, None), (2, 1, 96, Some(37))] {
+    // The second case rotates with the second of two rotary tables (Gemma 3's local layers).
+    for (heads, kv_heads, hd, window, table) in [(4, 2, 16, None, 0), (2, 1, 96, Some(37), 1)] {
         let (qd, kvd, context) = (heads * hd, kv_heads * hd, 160);
         let shape = AttentionShape { heads, kv_heads, head_dim: hd, window, scale: 1.0 / (hd as f32).sqrt() };
         let lens = [(1usize, 150usize), (0, 5)];
         let rows: Vec<StepRow> = lens.iter().flat_map(|&(slot, len)| (0..len).map(move |pos| StepRow { slot, pos, token: 0 })).collect();
         let n = rows.len();
-        let angles: Vec<f32> = (0..n * hd / 2).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
-        let rope: Vec<f32> = (0..n)
+        let angles: Vec<f32> = (0..2 * n * hd / 2).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+        // (tables, rows, head_dim): cos then sin per row
+        let tables: Vec<f32> = (0..2 * n)
             .flat_map(|i| {
                 let a = &angles[i * hd / 2..(i + 1) * hd / 2];
                 a.iter().map(|v| v.cos()).chain(a.iter().map(|v| v.sin())).collect::<Vec<_>>()
             })
             .collect();
+        let rope = &tables[table * n * hd..(table + 1) * n * hd];
         let (q, k, v) = (random(n * qd, rng), random(n * kvd, rng), random(n * kvd, rng));
         let rotate = |x: &[f32], width: usize| -> Vec<f64> {
             let mut out = vec![0f64; x.len()];
@@ -319,12 +343,12 @@ fn attention<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
         let what = format!("attention heads {heads}/{kv_heads} dim {hd} window {window:?}");
         for fused in [false, true] {
             let mut cache = b.new_cache(CacheShape { layers: 2, kv_dim: kvd, slots: 2, context }).unwrap();
-            let step = one_step(b, &rows, &rope, &[]);
+            let step = one_step(b, &rows, &tables, &[]);
             let (mut qa, mut ka, va) = (act(b, &q, n, qd), act(b, &k, n, kvd), act(b, &v, n, kvd));
             if fused {
-                b.rope_kv_write(&step, &mut cache, 1, &mut qa, &mut ka, &va, hd);
+                b.rope_kv_write(&step, table, &mut cache, 1, &mut qa, &mut ka, &va, hd);
             } else {
-                b.rope(&step, &mut qa, &mut ka, hd);
+                b.rope(&step, table, &mut qa, &mut ka, hd);
                 b.kv_write(&step, &mut cache, 1, &ka, &va);
             }
             assert_close(&format!("rope q {what}"), &b.read(n, &qa).unwrap(), &qr, 1e-5);
@@ -336,7 +360,8 @@ fn attention<B: Backend>(b: &B, rng: &mut ChaCha8Rng) {
             // The last row of sequence 1 alone, over the cache written above.
             let i = lens[0].1 - 1;
             let alone_rows = [rows[i]];
-            let step1 = one_step(b, &alone_rows, &rope[i * hd..(i + 1) * hd], &[]);
+            let rope1: Vec<f32> = [i, n + i].iter().flat_map(|&r| tables[r * hd..(r + 1) * hd].to_vec()).collect();
+            let step1 = one_step(b, &alone_rows, &rope1, &[]);
             let q1 = act(b, &b.read(n, &qa).unwrap()[i * qd..(i + 1) * qd], 1, qd);
             let mut o1 = b.activation(1, qd).unwrap();
             b.attention(&step1, &cache, 1, shape, &q1, &mut o1);

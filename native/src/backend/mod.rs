@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod wgpu;
 
 use crate::error::{EngineError, Result};
+use crate::model::config::Activation;
 use crate::tensor::{HostTensor, WeightFormat};
 
 /// One token of one sequence in a step: the sequence's cache slot, its position, its token.
@@ -26,8 +27,9 @@ pub struct StepRow {
 /// What every op of one forward step may need about its rows, prepared by the decoder.
 pub struct StepInput<'a> {
     pub rows: &'a [StepRow],
-    /// Per row: cos then sin of every rotary pair's angle at the row's position,
-    /// (rows, 2 * head_dim/2).
+    /// Rotary tables (tables, rows, 2 * head_dim/2): per table and row, cos then sin of every
+    /// rotary pair's angle at the row's position. Table 0 is the model's; a model whose
+    /// sliding layers rotate with their own base has a table 1.
     pub rope: &'a [f32],
     /// Rows whose logits are read back (the last token of a sequence), in output order.
     pub logit_rows: &'a [usize],
@@ -94,14 +96,20 @@ pub trait Backend: Send + Sync + Sized {
     fn rmsnorm(&self, n: usize, x: &Self::Act, w: &Self::Vector, eps: f64, out: &mut Self::Act);
     /// out (n, rows) = x (n, cols) @ W^T (+ bias)
     fn matmul(&self, n: usize, w: &Self::Matrix, bias: Option<&Self::Vector>, x: &Self::Act, out: &mut Self::Act);
-    /// Rotates q (n, heads * head_dim) and k (n, kv_heads * head_dim) with the step's tables.
-    fn rope(&self, step: &Self::Step, q: &mut Self::Act, k: &mut Self::Act, head_dim: usize);
+    /// Rotates q (n, heads * head_dim) and k (n, kv_heads * head_dim) with the step's rotary
+    /// table `table`.
+    fn rope(&self, step: &Self::Step, table: usize, q: &mut Self::Act, k: &mut Self::Act, head_dim: usize);
     /// Writes row i's k and v (n, kv_dim) at (slot, pos) of layer `layer`.
     fn kv_write(&self, step: &Self::Step, cache: &mut Self::Cache, layer: usize, k: &Self::Act, v: &Self::Act);
     /// out (n, heads * head_dim) = causal attention of q over each row's cached positions.
     fn attention(&self, step: &Self::Step, cache: &Self::Cache, layer: usize, shape: AttentionShape, q: &Self::Act, out: &mut Self::Act);
-    /// gate (n, d) <- silu(gate) * up
-    fn silu_mul(&self, n: usize, gate: &mut Self::Act, up: &Self::Act);
+    /// gate (n, d) <- act(gate) * up
+    fn gated_act(&self, n: usize, act: Activation, gate: &mut Self::Act, up: &Self::Act);
+    /// Every head (head_dim values) of x (n, heads * head_dim) RMS-normed in place with
+    /// w (head_dim,): Gemma's q and k norms.
+    fn head_rmsnorm(&self, n: usize, x: &mut Self::Act, w: &Self::Vector, eps: f64, head_dim: usize);
+    /// x (n, d) *= s
+    fn scale(&self, n: usize, x: &mut Self::Act, s: f32);
     /// x (n, d) += y (n, d)
     fn add(&self, n: usize, x: &mut Self::Act, y: &Self::Act);
     /// out (m, d) = rmsnorm of the step's logit rows of x.
@@ -141,12 +149,12 @@ pub trait Backend: Send + Sync + Sized {
         self.rmsnorm(n, x, norm, eps, normed);
         self.matmul(n, gw, None, normed, gate);
         self.matmul(n, uw, None, normed, up);
-        self.silu_mul(n, gate, up);
+        self.gated_act(n, Activation::Silu, gate, up);
     }
     /// Rotates q and k and writes k and v to the cache.
     #[allow(clippy::too_many_arguments)]
-    fn rope_kv_write(&self, step: &Self::Step, cache: &mut Self::Cache, layer: usize, q: &mut Self::Act, k: &mut Self::Act, v: &Self::Act, head_dim: usize) {
-        self.rope(step, q, k, head_dim);
+    fn rope_kv_write(&self, step: &Self::Step, table: usize, cache: &mut Self::Cache, layer: usize, q: &mut Self::Act, k: &mut Self::Act, v: &Self::Act, head_dim: usize) {
+        self.rope(step, table, q, k, head_dim);
         self.kv_write(step, cache, layer, k, v);
     }
 }

@@ -12,7 +12,7 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use super::config::read_json_object;
-use crate::tensor::{DType, HostTensor};
+use crate::tensor::{DType, HostTensor, SharedBytes};
 use crate::error::{EngineError, Result};
 
 struct TensorEntry {
@@ -27,7 +27,7 @@ struct TensorEntry {
 /// All tensors of a checkpoint, mapped but not yet read.
 pub struct Checkpoint {
     paths: Vec<PathBuf>,
-    maps: Vec<Arc<Mmap>>,
+    maps: Vec<SharedBytes>,
     tensors: HashMap<String, TensorEntry>,
 }
 

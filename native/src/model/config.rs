@@ -13,6 +13,7 @@ pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    Gemma3,
 }
 
 impl Architecture {
@@ -21,8 +22,17 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Gemma3 => "Gemma3ForCausalLM",
         }
     }
+}
+
+/// The gated MLP's activation: act(gate(x)) * up(x).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 /// How rotary position embeddings are scaled (`rope_type`).
@@ -33,6 +43,8 @@ pub enum RopeScaling {
     Linear { factor: f64 },
     /// Llama 3.x frequency-dependent scaling.
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// Each pair's frequency divided by its own factor (GGUF's `rope_freqs` tensor).
+    Factors(Vec<f64>),
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +72,66 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// `dtype` / `torch_dtype` as written, for information only: tensors carry their own dtype.
     pub stored_dtype: Option<String>,
+    /// Blocks beyond the LLaMA family, as data on the shared decoder (Gemma 3 uses them all).
+    pub blocks: Blocks,
+}
+
+/// Architecture details the shared decoder switches on. `Blocks::llama(head_dim)` is the
+/// LLaMA family: SiLU, no extra norms, 1/sqrt(head_dim) attention scale.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blocks {
+    pub activation: Activation,
+    /// q and k RMS-normed per head before rotation (`self_attn.q_norm`, `self_attn.k_norm`).
+    pub qk_norm: bool,
+    /// Attention and MLP outputs RMS-normed before the residual add
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`); the MLP's input norm is
+    /// then `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    /// Embeddings are multiplied by this (Gemma: sqrt(hidden_size)).
+    pub embed_scale: Option<f32>,
+    /// Added to every RMSNorm weight at load: Gemma checkpoints store w of `x * (1 + w)`.
+    pub norm_offset: f32,
+    pub attn_scale: f32,
+    /// Layers that use `sliding_window` (None: every layer does).
+    pub sliding_layers: Option<Vec<bool>>,
+    /// Rotary base of the sliding layers when it is their own (Gemma 3's local layers), unscaled.
+    pub rope_local_theta: Option<f64>,
+}
+
+impl Blocks {
+    pub fn llama(head_dim: usize) -> Self {
+        Blocks {
+            activation: Activation::Silu,
+            qk_norm: false,
+            sandwich_norms: false,
+            embed_scale: None,
+            norm_offset: 0.0,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            sliding_layers: None,
+            rope_local_theta: None,
+        }
+    }
+
+    /// Gemma 3's blocks, given the per-layer sliding flags, local rotary base and
+    /// `query_pre_attn_scalar`; `norm_offset` is 1 for Hugging Face checkpoints and 0 for
+    /// GGUF files (whose converter adds the 1 to the stored weights).
+    pub fn gemma3(hidden: usize, sliding_layers: Vec<bool>, rope_local_theta: f64, query_pre_attn_scalar: f64, norm_offset: f32) -> Self {
+        Blocks {
+            activation: Activation::GeluTanh,
+            qk_norm: true,
+            sandwich_norms: true,
+            embed_scale: Some((hidden as f32).sqrt()),
+            norm_offset,
+            attn_scale: (1.0 / query_pre_attn_scalar.sqrt()) as f32,
+            sliding_layers: Some(sliding_layers),
+            rope_local_theta: Some(rope_local_theta),
+        }
+    }
+}
+
+/// Gemma 3's default layer pattern: every `pattern`-th layer attends globally, the rest slide.
+pub fn gemma3_sliding_layers(layers: usize, pattern: usize) -> Vec<bool> {
+    (0..layers).map(|i| pattern == 0 || (i + 1) % pattern != 0).collect()
 }
 
 const MAX_DIM: u64 = 1 << 24;
@@ -174,9 +246,12 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             return Err(f.err("head_dim", format!("{head_dim} is odd; rotary embeddings need an even head_dim")));
         }
-        if let Some(act) = f.present("hidden_act") {
-            if act.as_str() != Some("silu") {
-                return Err(f.err("hidden_act", format!("{act} is not supported (only \"silu\")")));
+        let gemma = architecture == Architecture::Gemma3;
+        let act_key = if gemma && f.present("hidden_activation").is_some() { "hidden_activation" } else { "hidden_act" };
+        let want_act = if gemma { "gelu_pytorch_tanh" } else { "silu" };
+        if let Some(act) = f.present(act_key) {
+            if act.as_str() != Some(want_act) {
+                return Err(f.err(act_key, format!("{act} is not supported for {} (only {want_act:?})", architecture.hf_name())));
             }
         }
         if f.bool_opt("mlp_bias", false)? {
@@ -188,13 +263,19 @@ impl ModelConfig {
             _ => (attention_bias, attention_bias),
         };
         let sliding_window = match architecture {
-            Architecture::Mistral => f.usize_opt("sliding_window")?,
+            Architecture::Mistral | Architecture::Gemma3 => f.usize_opt("sliding_window")?,
             Architecture::Qwen2 if f.bool_opt("use_sliding_window", false)? => {
                 return Err(f.err("use_sliding_window", "Qwen2 sliding-window attention is not supported"))
             }
             _ => None,
         };
-        let (rope_theta, rope_scaling) = parse_rope(&f)?;
+        let num_hidden_layers = f.usize_req("num_hidden_layers")?;
+        let (rope_theta, rope_scaling, blocks) = if gemma {
+            gemma3_blocks(&f, hidden_size, head_dim, num_hidden_layers)?
+        } else {
+            let (theta, scaling) = parse_rope(&f, None)?;
+            (theta, scaling, Blocks::llama(head_dim))
+        };
         let rms_norm_eps = f.f64_opt(obj, "rms_norm_eps", "rms_norm_eps")?.unwrap_or(1e-6);
         if rms_norm_eps <= 0.0 {
             return Err(f.err("rms_norm_eps", "must be positive"));
@@ -206,7 +287,7 @@ impl ModelConfig {
             architecture,
             hidden_size,
             intermediate_size: f.usize_req("intermediate_size")?,
-            num_hidden_layers: f.usize_req("num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -216,18 +297,33 @@ impl ModelConfig {
                 Architecture::Llama => 2048,
                 Architecture::Mistral => 131072,
                 Architecture::Qwen2 => 32768,
+                Architecture::Gemma3 => 131072,
             }),
             rms_norm_eps,
             rope_theta,
             rope_scaling,
-            tie_word_embeddings: f.bool_opt("tie_word_embeddings", false)?,
+            tie_word_embeddings: f.bool_opt("tie_word_embeddings", gemma)?,
             qkv_bias,
             o_bias,
             sliding_window,
             bos_token_id: f.token_ids("bos_token_id")?.first().copied(),
             eos_token_ids: f.token_ids("eos_token_id")?,
             stored_dtype,
+            blocks,
         })
+    }
+
+    /// The sliding window of layer `l`, if it has one.
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        match &self.blocks.sliding_layers {
+            Some(sliding) if !sliding[l] => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// Which rotary table layer `l` reads: 0 (the model's), or 1 (the sliding layers' own).
+    pub fn layer_rope_table(&self, l: usize) -> usize {
+        usize::from(self.blocks.rope_local_theta.is_some() && self.layer_window(l).is_some())
     }
 
     pub fn q_dim(&self) -> usize {
@@ -244,6 +340,7 @@ fn parse_architecture(f: &Fields) -> Result<Architecture> {
         "LlamaForCausalLM" => Some(Architecture::Llama),
         "MistralForCausalLM" => Some(Architecture::Mistral),
         "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+        "Gemma3ForCausalLM" => Some(Architecture::Gemma3),
         _ => None,
     };
     match f.present("architectures") {
@@ -252,7 +349,7 @@ fn parse_architecture(f: &Fields) -> Result<Architecture> {
             from_name(name).ok_or_else(|| {
                 f.err(
                     "architectures",
-                    format!("{name:?} is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"),
+                    format!("{name:?} is not supported (supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM)"),
                 )
             })
         }
@@ -261,7 +358,8 @@ fn parse_architecture(f: &Fields) -> Result<Architecture> {
             Some("llama") => Ok(Architecture::Llama),
             Some("mistral") => Ok(Architecture::Mistral),
             Some("qwen2") => Ok(Architecture::Qwen2),
-            Some(other) => Err(f.err("model_type", format!("{other:?} is not supported (llama, mistral, qwen2)"))),
+            Some("gemma3_text") => Ok(Architecture::Gemma3),
+            Some(other) => Err(f.err("model_type", format!("{other:?} is not supported (llama, mistral, qwen2, gemma3_text)"))),
             None => Err(f.err("architectures", "missing (and no model_type)")),
         },
     }
@@ -269,8 +367,16 @@ fn parse_architecture(f: &Fields) -> Result<Architecture> {
 
 /// Rope settings: transformers 5 keeps them in `rope_parameters`; transformers 4 in
 /// `rope_theta` plus an optional `rope_scaling` object.
-fn parse_rope(f: &Fields) -> Result<(f64, RopeScaling)> {
+fn parse_rope(f: &Fields, layer_type: Option<&str>) -> Result<(f64, RopeScaling)> {
     let (section_name, section) = match (f.present("rope_parameters"), f.present("rope_scaling")) {
+        // transformers 5 keeps one section per layer type for models that have several
+        (Some(Value::Object(p)), _) if layer_type.is_some_and(|t| p.contains_key(t)) => {
+            let t = layer_type.unwrap_or_default();
+            match &p[t] {
+                Value::Object(sub) => (if t == "full_attention" { "rope_parameters.full_attention" } else { "rope_parameters.sliding_attention" }, Some(sub)),
+                v => return Err(f.err(&format!("rope_parameters.{t}"), format!("expected an object, got {v}"))),
+            }
+        }
         (Some(Value::Object(p)), _) => ("rope_parameters", Some(p)),
         (Some(v), _) => return Err(f.err("rope_parameters", format!("expected an object, got {v}"))),
         (None, Some(Value::Object(s))) => ("rope_scaling", Some(s)),
@@ -321,4 +427,48 @@ fn parse_rope(f: &Fields) -> Result<(f64, RopeScaling)> {
         }
     };
     Ok((theta, scaling))
+}
+
+/// Gemma 3 (`Gemma3ForCausalLM`, model_type `gemma3_text`): global layers rotate with
+/// `rope_theta` (and any scaling), sliding layers with `rope_local_base_freq`.
+fn gemma3_blocks(f: &Fields, hidden: usize, head_dim: usize, layers: usize) -> Result<(f64, RopeScaling, Blocks)> {
+    for key in ["final_logit_softcapping", "attn_logit_softcapping"] {
+        if let Some(v) = f.present(key) {
+            return Err(f.err(key, format!("{v}: logit soft-capping is not supported (Gemma 3 does not use it)")));
+        }
+    }
+    if f.bool_opt("use_bidirectional_attention", false)? {
+        return Err(f.err("use_bidirectional_attention", "bidirectional attention is not supported"));
+    }
+    let sliding = match f.present("layer_types") {
+        Some(Value::Array(types)) => {
+            if types.len() != layers {
+                return Err(f.err("layer_types", format!("has {} entries for {layers} layers", types.len())));
+            }
+            types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => Err(f.err(&format!("layer_types[{i}]"), format!("{t} is not \"sliding_attention\" or \"full_attention\""))),
+                })
+                .collect::<Result<Vec<bool>>>()?
+        }
+        Some(v) => return Err(f.err("layer_types", format!("expected a list, got {v}"))),
+        None => {
+            let key = if f.present("sliding_window_pattern").is_some() { "sliding_window_pattern" } else { "_sliding_window_pattern" };
+            gemma3_sliding_layers(layers, f.usize_opt(key)?.unwrap_or(6))
+        }
+    };
+    let (theta, scaling) = parse_rope(f, Some("full_attention"))?;
+    let local_theta = match f.present("rope_parameters") {
+        Some(Value::Object(p)) if p.contains_key("sliding_attention") => parse_rope(f, Some("sliding_attention"))?.0,
+        _ => f.f64_opt(f.obj, "rope_local_base_freq", "rope_local_base_freq")?.unwrap_or(10000.0),
+    };
+    let scalar = f.f64_opt(f.obj, "query_pre_attn_scalar", "query_pre_attn_scalar")?.unwrap_or(head_dim as f64);
+    if scalar <= 0.0 || local_theta <= 0.0 {
+        return Err(f.err("query_pre_attn_scalar", "query_pre_attn_scalar and rope_local_base_freq must be positive"));
+    }
+    Ok((theta, scaling, Blocks::gemma3(hidden, sliding, local_theta, scalar, 1.0)))
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use super::checkpoint::Checkpoint;
-use super::config::ModelConfig;
+use super::config::{Activation, ModelConfig, RopeScaling};
 use super::rope::Rope;
 use super::scheme::WeightScheme;
 use crate::backend::{AttentionShape, Backend, CacheShape, StepInput, StepRow};
@@ -65,38 +65,59 @@ impl<B: Backend> Linear<B> {
 }
 
 pub struct DecoderLayer<B: Backend> {
-    input_layernorm: B::Vector,          // (hidden,)
-    q_proj: Linear<B>,                   // (heads * head_dim, hidden)
-    k_proj: Linear<B>,                   // (kv_heads * head_dim, hidden)
-    v_proj: Linear<B>,                   // (kv_heads * head_dim, hidden)
-    o_proj: Linear<B>,                   // (hidden, heads * head_dim)
-    post_attention_layernorm: B::Vector, // (hidden,)
-    gate_proj: Linear<B>,                // (ffn, hidden)
-    up_proj: Linear<B>,                  // (ffn, hidden)
-    down_proj: Linear<B>,                // (hidden, ffn)
+    input_layernorm: B::Vector, // (hidden,)
+    q_proj: Linear<B>,          // (heads * head_dim, hidden)
+    k_proj: Linear<B>,          // (kv_heads * head_dim, hidden)
+    v_proj: Linear<B>,          // (kv_heads * head_dim, hidden)
+    o_proj: Linear<B>,          // (hidden, heads * head_dim)
+    /// The MLP's input norm: `post_attention_layernorm` in the LLaMA family,
+    /// `pre_feedforward_layernorm` with sandwich norms.
+    mlp_norm: B::Vector,
+    gate_proj: Linear<B>, // (ffn, hidden)
+    up_proj: Linear<B>,   // (ffn, hidden)
+    down_proj: Linear<B>, // (hidden, ffn)
+    /// Sandwich norms: `post_attention_layernorm` and `post_feedforward_layernorm`, on the
+    /// attention and MLP outputs before the residual add.
+    attn_out_norm: Option<B::Vector>,
+    mlp_out_norm: Option<B::Vector>,
+    /// Per-head q and k norms, (head_dim,) each.
+    q_norm: Option<B::Vector>,
+    k_norm: Option<B::Vector>,
 }
 
 impl<B: Backend> DecoderLayer<B> {
     fn load(b: &B, ckpt: &Checkpoint, cfg: &ModelConfig, i: usize, w: &mut WeightLoad) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let (h, q, kv, ffn) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
-        let norm = |name: &str| -> Result<B::Vector> { b.upload_vector(&ckpt.vector(&format!("{p}.{name}.weight"), h)?) };
+        let blocks = &cfg.blocks;
+        let norm_of = |name: &str, len: usize| -> Result<B::Vector> {
+            let mut values = ckpt.vector(&format!("{p}.{name}.weight"), len)?;
+            values.iter_mut().for_each(|v| *v += blocks.norm_offset);
+            b.upload_vector(&values)
+        };
+        let norm = |name: &str| norm_of(name, h);
+        let sandwich = blocks.sandwich_norms;
         Ok(DecoderLayer {
             input_layernorm: norm("input_layernorm")?,
             q_proj: Linear::load(b, ckpt, &format!("{p}.self_attn.q_proj"), q, h, cfg.qkv_bias, w)?,
             k_proj: Linear::load(b, ckpt, &format!("{p}.self_attn.k_proj"), kv, h, cfg.qkv_bias, w)?,
             v_proj: Linear::load(b, ckpt, &format!("{p}.self_attn.v_proj"), kv, h, cfg.qkv_bias, w)?,
             o_proj: Linear::load(b, ckpt, &format!("{p}.self_attn.o_proj"), h, q, cfg.o_bias, w)?,
-            post_attention_layernorm: norm("post_attention_layernorm")?,
+            mlp_norm: norm(if sandwich { "pre_feedforward_layernorm" } else { "post_attention_layernorm" })?,
             gate_proj: Linear::load(b, ckpt, &format!("{p}.mlp.gate_proj"), ffn, h, false, w)?,
             up_proj: Linear::load(b, ckpt, &format!("{p}.mlp.up_proj"), ffn, h, false, w)?,
             down_proj: Linear::load(b, ckpt, &format!("{p}.mlp.down_proj"), h, ffn, false, w)?,
+            attn_out_norm: if sandwich { Some(norm("post_attention_layernorm")?) } else { None },
+            mlp_out_norm: if sandwich { Some(norm("post_feedforward_layernorm")?) } else { None },
+            q_norm: if blocks.qk_norm { Some(norm_of("self_attn.q_norm", cfg.head_dim)?) } else { None },
+            k_norm: if blocks.qk_norm { Some(norm_of("self_attn.k_norm", cfg.head_dim)?) } else { None },
         })
     }
 
-    fn bytes(&self, b: &B, hidden: usize) -> usize {
+    fn bytes(&self, b: &B, hidden: usize, head_dim: usize) -> usize {
         let linears = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj, &self.gate_proj, &self.up_proj, &self.down_proj];
-        2 * hidden * 4 + linears.iter().map(|l| l.bytes(b)).sum::<usize>()
+        let norms = (2 + 2 * usize::from(self.attn_out_norm.is_some())) * hidden + 2 * usize::from(self.q_norm.is_some()) * head_dim;
+        norms * 4 + linears.iter().map(|l| l.bytes(b)).sum::<usize>()
     }
 }
 
@@ -150,7 +171,8 @@ pub struct Decoder<B: Backend> {
     norm: B::Vector, // (hidden,)
     /// (vocab, hidden); None when tied to the embedding.
     lm_head: Option<B::Matrix>,
-    rope: Rope,
+    /// Rotary tables: the model's, then the sliding layers' own (Gemma 3) if they have one.
+    ropes: Vec<Rope>,
     work: Mutex<Option<Workspace<B>>>,
     /// Fallbacks and the checkpoint's bytes of the matrices.
     pub loaded: WeightLoad,
@@ -167,9 +189,14 @@ impl<B: Backend> Decoder<B> {
         // Tied checkpoints may still carry an lm_head copy; transformers ignores it, so do we.
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(w.matrix(b, &ckpt, "lm_head.weight", vocab, h)?) };
         let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(b, &ckpt, &cfg, i, &mut w)).collect::<Result<_>>()?;
-        let norm = b.upload_vector(&ckpt.vector("model.norm.weight", h)?)?;
-        let rope = Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling);
-        Ok(Decoder { cfg, scheme, backend, fused, embed_tokens, layers, norm, lm_head, rope, work: Mutex::new(None), loaded: w })
+        let mut final_norm = ckpt.vector("model.norm.weight", h)?;
+        final_norm.iter_mut().for_each(|v| *v += cfg.blocks.norm_offset);
+        let norm = b.upload_vector(&final_norm)?;
+        let mut ropes = vec![Rope::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling)];
+        if let Some(theta) = cfg.blocks.rope_local_theta {
+            ropes.push(Rope::new(cfg.head_dim, theta, &RopeScaling::None));
+        }
+        Ok(Decoder { cfg, scheme, backend, fused, embed_tokens, layers, norm, lm_head, ropes, work: Mutex::new(None), loaded: w })
     }
 
     /// Bytes of weights held (mapped or owned).
@@ -177,14 +204,15 @@ impl<B: Backend> Decoder<B> {
         let b = &self.backend;
         let h = self.cfg.hidden_size;
         let lm = self.lm_head.as_ref().map_or(0, |m| b.matrix_bytes(m));
-        b.matrix_bytes(&self.embed_tokens) + lm + h * 4 + self.layers.iter().map(|l| l.bytes(b, h)).sum::<usize>()
+        b.matrix_bytes(&self.embed_tokens) + lm + h * 4 + self.layers.iter().map(|l| l.bytes(b, h, self.cfg.head_dim)).sum::<usize>()
     }
 
     pub fn parameter_count(&self) -> usize {
         let c = &self.cfg;
         let (h, q, kv, ffn) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let bias = if c.qkv_bias { q + 2 * kv } else { 0 } + if c.o_bias { h } else { 0 };
-        let per_layer = 2 * h + h * q + 2 * h * kv + q * h + 3 * h * ffn + bias;
+        let extra_norms = if c.blocks.sandwich_norms { 2 * h } else { 0 } + if c.blocks.qk_norm { 2 * c.head_dim } else { 0 };
+        let per_layer = 2 * h + extra_norms + h * q + 2 * h * kv + q * h + 3 * h * ffn + bias;
         let lm = if c.tie_word_embeddings { 0 } else { c.vocab_size * h };
         c.vocab_size * h + lm + h + c.num_hidden_layers * per_layer
     }
@@ -211,12 +239,17 @@ impl<B: Backend> Decoder<B> {
             *guard = Some(Workspace::new(b, c, n.max(old_n), m.max(old_m))?);
         }
         let a = guard.as_mut().expect("workspace allocated above");
-        let mut rope = Vec::with_capacity(n * c.head_dim);
-        for r in rows {
-            self.rope.push_row(r.pos, &mut rope);
+        let mut rope = Vec::with_capacity(self.ropes.len() * n * c.head_dim);
+        for table in &self.ropes {
+            for r in rows {
+                table.push_row(r.pos, &mut rope);
+            }
         }
         let step = b.begin_step(&StepInput { rows, rope: &rope, logit_rows })?;
         b.embed(&step, &self.embed_tokens, &mut a.x);
+        if let Some(s) = c.blocks.embed_scale {
+            b.scale(n, &mut a.x, s);
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             self.attention_block(&step, l, layer, n, cache, a);
             self.mlp_block(layer, n, a);
@@ -227,7 +260,8 @@ impl<B: Backend> Decoder<B> {
         b.read(m, &a.logits)
     }
 
-    /// x += o_proj(attention(rope(q), rope(k), v)) for one layer, writing k and v to the cache.
+    /// x += out_norm(o_proj(attention(rope(qk_norm(q)), rope(qk_norm(k)), v))) for one layer
+    /// (the norms where the architecture has them), writing k and v to the cache.
     fn attention_block(&self, step: &B::Step, l: usize, layer: &DecoderLayer<B>, n: usize, cache: &mut B::Cache, a: &mut Workspace<B>) {
         let (b, c) = (&self.backend, &self.cfg);
         let eps = c.rms_norm_eps;
@@ -236,45 +270,70 @@ impl<B: Backend> Decoder<B> {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: hd,
-            window: c.sliding_window,
-            scale: 1.0 / (hd as f32).sqrt(),
+            window: c.layer_window(l),
+            scale: c.blocks.attn_scale,
         };
+        let table = c.layer_rope_table(l);
+        let norm = &layer.input_layernorm;
         if self.fused {
-            let norm = &layer.input_layernorm;
             let (q, k, v) = (&layer.q_proj, &layer.k_proj, &layer.v_proj);
             let w = [&q.weight, &k.weight, &v.weight];
             let bias = [q.bias.as_ref(), k.bias.as_ref(), v.bias.as_ref()];
             b.norm_qkv(n, &a.x, norm, eps, w, bias, &mut a.normed, &mut a.q, &mut a.k, &mut a.v);
-            b.rope_kv_write(step, cache, l, &mut a.q, &mut a.k, &a.v, hd);
-            b.attention(step, cache, l, shape, &a.q, &mut a.attn);
-            b.matmul_add(n, &layer.o_proj.weight, layer.o_proj.bias.as_ref(), &a.attn, &mut a.proj, &mut a.x);
-            return;
+        } else {
+            b.rmsnorm(n, &a.x, norm, eps, &mut a.normed);
+            layer.q_proj.forward(b, n, &a.normed, &mut a.q);
+            layer.k_proj.forward(b, n, &a.normed, &mut a.k);
+            layer.v_proj.forward(b, n, &a.normed, &mut a.v);
         }
-        b.rmsnorm(n, &a.x, &layer.input_layernorm, eps, &mut a.normed);
-        layer.q_proj.forward(b, n, &a.normed, &mut a.q);
-        layer.k_proj.forward(b, n, &a.normed, &mut a.k);
-        layer.v_proj.forward(b, n, &a.normed, &mut a.v);
-        b.rope(step, &mut a.q, &mut a.k, hd);
-        b.kv_write(step, cache, l, &a.k, &a.v);
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            b.head_rmsnorm(n, &mut a.q, qn, eps, hd);
+            b.head_rmsnorm(n, &mut a.k, kn, eps, hd);
+        }
+        if self.fused {
+            b.rope_kv_write(step, table, cache, l, &mut a.q, &mut a.k, &a.v, hd);
+        } else {
+            b.rope(step, table, &mut a.q, &mut a.k, hd);
+            b.kv_write(step, cache, l, &a.k, &a.v);
+        }
         b.attention(step, cache, l, shape, &a.q, &mut a.attn);
-        layer.o_proj.forward(b, n, &a.attn, &mut a.proj);
-        b.add(n, &mut a.x, &a.proj);
+        let out = (&mut a.x, &mut a.proj, &mut a.normed);
+        self.residual(n, &layer.o_proj, &a.attn, layer.attn_out_norm.as_ref(), out);
     }
 
-    /// x += down(silu(gate(norm(x))) * up(norm(x)))
+    /// x += out_norm(down(act(gate(norm(x))) * up(norm(x))))
     fn mlp_block(&self, layer: &DecoderLayer<B>, n: usize, a: &mut Workspace<B>) {
-        let (b, eps) = (&self.backend, self.cfg.rms_norm_eps);
-        let norm = &layer.post_attention_layernorm;
-        if self.fused {
+        let (b, c) = (&self.backend, &self.cfg);
+        let eps = c.rms_norm_eps;
+        let norm = &layer.mlp_norm;
+        if self.fused && c.blocks.activation == Activation::Silu {
             b.norm_gate_up(n, &a.x, norm, eps, &layer.gate_proj.weight, &layer.up_proj.weight, &mut a.normed, &mut a.gate, &mut a.up);
-            b.matmul_add(n, &layer.down_proj.weight, None, &a.gate, &mut a.proj, &mut a.x);
-            return;
+        } else {
+            b.rmsnorm(n, &a.x, norm, eps, &mut a.normed);
+            layer.gate_proj.forward(b, n, &a.normed, &mut a.gate);
+            layer.up_proj.forward(b, n, &a.normed, &mut a.up);
+            b.gated_act(n, c.blocks.activation, &mut a.gate, &a.up);
         }
-        b.rmsnorm(n, &a.x, norm, eps, &mut a.normed);
-        layer.gate_proj.forward(b, n, &a.normed, &mut a.gate);
-        layer.up_proj.forward(b, n, &a.normed, &mut a.up);
-        b.silu_mul(n, &mut a.gate, &a.up);
-        layer.down_proj.forward(b, n, &a.gate, &mut a.proj);
-        b.add(n, &mut a.x, &a.proj);
+        let out = (&mut a.x, &mut a.proj, &mut a.normed);
+        self.residual(n, &layer.down_proj, &a.gate, layer.mlp_out_norm.as_ref(), out);
+    }
+
+    /// x += out_norm(y @ W^T (+ bias)), `out_norm` where the architecture has one; `proj`
+    /// and `normed` are scratch.
+    fn residual(&self, n: usize, linear: &Linear<B>, y: &B::Act, out_norm: Option<&B::Vector>, out: (&mut B::Act, &mut B::Act, &mut B::Act)) {
+        let b = &self.backend;
+        let (x, proj, normed) = out;
+        match out_norm {
+            None if self.fused => b.matmul_add(n, &linear.weight, linear.bias.as_ref(), y, proj, x),
+            None => {
+                linear.forward(b, n, y, proj);
+                b.add(n, x, proj);
+            }
+            Some(norm) => {
+                linear.forward(b, n, y, proj);
+                b.rmsnorm(n, proj, norm, self.cfg.rms_norm_eps, normed);
+                b.add(n, x, normed);
+            }
+        }
     }
 }

@@ -12,10 +12,11 @@ impl Rope {
     pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Self {
         let half = head_dim / 2;
         let base: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64)).collect();
-        let inv_freq = match *scaling {
+        let inv_freq = match scaling {
             RopeScaling::None => base,
-            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
+            RopeScaling::Factors(factors) => base.iter().zip(factors).map(|(f, d)| f / d).collect(),
+            &RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            &RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings: old } => {
                 let low_freq_wavelen = old / low_freq_factor;
                 let high_freq_wavelen = old / high_freq_factor;
                 base.iter()

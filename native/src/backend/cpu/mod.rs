@@ -13,10 +13,11 @@ use rayon::prelude::*;
 use self::attention::attend_head;
 use self::kv_cache::SeqCache;
 use self::matmul::matmul;
-use self::ops::{rmsnorm, rope_apply, silu_mul};
+use self::ops::{gelu_tanh_mul, rmsnorm, rope_apply, silu_mul};
 use self::weights::Matrix;
 use super::{AttentionShape, Backend, CacheShape, StepInput, StepRow};
 use crate::error::Result;
+use crate::model::config::Activation;
 use crate::tensor::{HostTensor, WeightFormat};
 
 #[derive(Default)]
@@ -117,10 +118,12 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn rope(&self, step: &CpuStep, q: &mut CpuAct, k: &mut CpuAct, head_dim: usize) {
+    fn rope(&self, step: &CpuStep, table: usize, q: &mut CpuAct, k: &mut CpuAct, head_dim: usize) {
         let (qd, kvd) = (q.width, k.width);
-        for i in 0..step.rows.len() {
-            let table = &step.rope[i * head_dim..(i + 1) * head_dim];
+        let n = step.rows.len();
+        for i in 0..n {
+            let row = table * n + i;
+            let table = &step.rope[row * head_dim..(row + 1) * head_dim];
             let (cos, sin) = table.split_at(head_dim / 2);
             rope_apply(&mut q.data[i * qd..(i + 1) * qd], head_dim, cos, sin);
             rope_apply(&mut k.data[i * kvd..(i + 1) * kvd], head_dim, cos, sin);
@@ -154,9 +157,27 @@ impl Backend for CpuBackend {
         });
     }
 
-    fn silu_mul(&self, n: usize, gate: &mut CpuAct, up: &CpuAct) {
+    fn gated_act(&self, n: usize, act: Activation, gate: &mut CpuAct, up: &CpuAct) {
         let w = gate.width;
-        gate.rows_mut(n).par_chunks_mut(w).zip(up.rows(n).par_chunks(w)).for_each(|(g, u)| silu_mul(g, u));
+        let f = match act {
+            Activation::Silu => silu_mul,
+            Activation::GeluTanh => gelu_tanh_mul,
+        };
+        gate.rows_mut(n).par_chunks_mut(w).zip(up.rows(n).par_chunks(w)).for_each(|(g, u)| f(g, u));
+    }
+
+    fn head_rmsnorm(&self, n: usize, x: &mut CpuAct, w: &Vec<f32>, eps: f64, head_dim: usize) {
+        x.rows_mut(n).par_chunks_mut(head_dim).for_each_init(
+            || vec![0f32; head_dim],
+            |tmp, head| {
+                tmp.copy_from_slice(head);
+                rmsnorm(tmp, w, eps, head);
+            },
+        );
+    }
+
+    fn scale(&self, n: usize, x: &mut CpuAct, s: f32) {
+        x.rows_mut(n).iter_mut().for_each(|v| *v *= s);
     }
 
     fn add(&self, n: usize, x: &mut CpuAct, y: &CpuAct) {

@@ -19,6 +19,17 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// gate (n,) <- gelu_tanh(gate) * up, the tanh approximation of GELU
+/// (`gelu_pytorch_tanh`): 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    debug_assert_eq!(gate.len(), up.len());
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = 0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh()) * u;
+    }
+}
+
 /// x (n,) <- softmax(x), max-subtracted, summed in order.
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -78,6 +89,18 @@ mod tests {
         silu_mul(&mut g, &u);
         for i in 0..50 {
             let r = g0[i] as f64 / (1.0 + (-(g0[i] as f64)).exp()) * u[i] as f64;
+            assert!((g[i] as f64 - r).abs() < 1e-6, "element {i}");
+        }
+    }
+
+    #[test]
+    fn gelu_tanh_mul_matches_reference() {
+        let (mut g, u) = (random(50, 6), random(50, 7));
+        let g0 = g.clone();
+        gelu_tanh_mul(&mut g, &u);
+        for i in 0..50 {
+            let x = g0[i] as f64;
+            let r = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh()) * u[i] as f64;
             assert!((g[i] as f64 - r).abs() < 1e-6, "element {i}");
         }
     }

@@ -3,13 +3,11 @@
 //! converted copy. Kernels read it through `WeightView`; compressed formats slot in as new
 //! variants of `WeightFormat` / `WeightView`.
 
-use std::sync::Arc;
 
 use half::{bf16, f16};
-use memmap2::Mmap;
 
 use crate::quant::{self, BlockFormat};
-use crate::tensor::WeightFormat;
+use crate::tensor::{SharedBytes, WeightFormat};
 use crate::with_block_format;
 
 /// Borrowed weights, row-major.
@@ -69,7 +67,7 @@ impl WeightView<'_> {
 }
 
 enum Storage {
-    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    Mapped { map: SharedBytes, offset: usize, len: usize },
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
@@ -86,10 +84,9 @@ pub struct Matrix {
 
 impl Matrix {
     /// A view into a mapped file; the caller has checked bounds, size and alignment.
-    pub fn mapped(rows: usize, cols: usize, format: WeightFormat, map: Arc<Mmap>, offset: usize) -> Self {
+    pub fn mapped(rows: usize, cols: usize, format: WeightFormat, map: SharedBytes, offset: usize) -> Self {
         let len = rows * format.row_bytes(cols);
-        debug_assert!(format.is_plain() && offset + len <= map.len());
-        debug_assert_eq!((map.as_ptr() as usize + offset) % format.block().1, 0);
+        debug_assert!(offset + len <= (*map).as_ref().len());
         Matrix { rows, cols, format, storage: Storage::Mapped { map, offset, len } }
     }
 
@@ -108,7 +105,7 @@ impl Matrix {
     pub fn view(&self) -> WeightView<'_> {
         match &self.storage {
             Storage::Mapped { map, offset, len } => {
-                let bytes = &map[*offset..*offset + *len];
+                let bytes = &(**map).as_ref()[*offset..*offset + *len];
                 match self.format {
                     WeightFormat::F32 => WeightView::F32(bytemuck::cast_slice(bytes)),
                     WeightFormat::F16 => WeightView::F16(bytemuck::cast_slice(bytes)),

@@ -18,6 +18,7 @@ pub use self::recorder::Profile;
 use self::recorder::{grid, storage_usage, GBuf, Recorder};
 use super::{AttentionShape, Backend, CacheShape, StepInput};
 use crate::error::{EngineError, Result};
+use crate::model::config::Activation;
 use crate::tensor::{HostTensor, WeightFormat};
 
 /// Lowers the largest buffer a weight matrix is held in (bytes), to exercise splitting with
@@ -285,7 +286,8 @@ impl WgpuBackend {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn rope_kv_op(&self, step: &GStep, q: &GBuf, k: &GBuf, v: &GBuf, caches: Option<(&GCache, usize)>, rotate: bool, heads: (usize, usize), head_dim: usize) {
+    /// `rotate`: the rotary table to rotate q and k with, or None for only the KV write.
+    fn rope_kv_op(&self, step: &GStep, q: &GBuf, k: &GBuf, v: &GBuf, caches: Option<(&GCache, usize)>, rotate: Option<usize>, heads: (usize, usize), head_dim: usize) {
         let (qh, kvh) = heads;
         let threads = (step.n * (qh + kvh) * head_dim / 2) as u32;
         let (gx, gy) = grid(threads.div_ceil(WG));
@@ -293,23 +295,26 @@ impl WgpuBackend {
             Some((c, l)) => (c.k[l].as_ref(), c.v[l].as_ref(), c.shape.context),
             None => (self.dummy[1].as_ref(), self.dummy[2].as_ref(), 0),
         };
-        let params = u32s(&[step.n as u32, qh as u32, kvh as u32, head_dim as u32, caches.is_some() as u32, context as u32, gx * WG, rotate as u32]);
+        let params = u32s(&[step.n as u32, qh as u32, kvh as u32, head_dim as u32, caches.is_some() as u32, context as u32, gx * WG, rotate.map_or(0, |t| t as u32 + 1)]);
         let buffers = [q, k, v, step.rope.as_ref(), step.rows.as_ref(), kc, vc];
         self.dispatch(KernelId::RopeKv, &params, &buffers, (gx, gy, 1));
     }
 
-    fn elementwise(&self, count: usize, op: u32, a: &GAct, b: &GAct) {
+    fn elementwise(&self, count: usize, op: u32, a: &GAct, b: &GBuf, s: f32) {
         let (gx, gy) = grid((count as u32).div_ceil(WG));
-        self.dispatch(KernelId::Elementwise, &u32s(&[count as u32, op, gx * WG]), &[&a.buf, &b.buf], (gx, gy, 1));
+        self.dispatch(KernelId::Elementwise, &u32s(&[count as u32, op, gx * WG, s.to_bits()]), &[&a.buf, b], (gx, gy, 1));
     }
 
-    fn rmsnorm_op(&self, n: usize, x: &GAct, w: &GBuf, eps: f64, out: &GAct, gather: Option<&GBuf>) {
+    /// `x`: the input rows (n, width), or None to norm `out`'s rows in place.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_op(&self, n: usize, width: usize, x: Option<&GBuf>, w: &GBuf, eps: f64, out: &GBuf, gather: Option<&GBuf>) {
         if n == 0 {
             return;
         }
-        let params = u32s(&[n as u32, x.width as u32, gather.is_some() as u32, 0, (eps as f32).to_bits()]);
-        let buffers = [x.buf.as_ref(), out.buf.as_ref(), w, gather.unwrap_or(&self.dummy[0])];
-        self.dispatch(KernelId::RmsNorm, &params, &buffers, (n as u32, 1, 1));
+        let (gx, gy) = grid(n as u32);
+        let params = u32s(&[n as u32, width as u32, gather.is_some() as u32, x.is_none() as u32, (eps as f32).to_bits(), gx]);
+        let buffers = [x.unwrap_or(&self.dummy[1]), out, w, gather.unwrap_or(&self.dummy[0])];
+        self.dispatch(KernelId::RmsNorm, &params, &buffers, (gx, gy, 1));
     }
 }
 
@@ -410,21 +415,21 @@ impl Backend for WgpuBackend {
     }
 
     fn rmsnorm(&self, n: usize, x: &GAct, w: &Arc<GBuf>, eps: f64, out: &mut GAct) {
-        self.rmsnorm_op(n, x, w, eps, out, None);
+        self.rmsnorm_op(n, x.width, Some(&x.buf), w, eps, &out.buf, None);
     }
 
     fn matmul(&self, n: usize, w: &GMatrix, bias: Option<&Arc<GBuf>>, x: &GAct, out: &mut GAct) {
         self.matmul_op(n, w, None, bias.map(|b| b.as_ref()), None, false, x, out);
     }
 
-    fn rope(&self, step: &GStep, q: &mut GAct, k: &mut GAct, head_dim: usize) {
+    fn rope(&self, step: &GStep, table: usize, q: &mut GAct, k: &mut GAct, head_dim: usize) {
         let heads = (q.width / head_dim, k.width / head_dim);
-        self.rope_kv_op(step, &q.buf, &k.buf, &self.dummy[0], None, true, heads, head_dim);
+        self.rope_kv_op(step, &q.buf, &k.buf, &self.dummy[0], None, Some(table), heads, head_dim);
     }
 
     fn kv_write(&self, step: &GStep, cache: &mut Arc<GCache>, layer: usize, k: &GAct, v: &GAct) {
         // Without rotation each thread copies one pair: the whole row may be one "head".
-        self.rope_kv_op(step, &self.dummy[1], &k.buf, &v.buf, Some((cache, layer)), false, (0, 1), k.width);
+        self.rope_kv_op(step, &self.dummy[1], &k.buf, &v.buf, Some((cache, layer)), None, (0, 1), k.width);
     }
 
     fn attention(&self, step: &GStep, cache: &Arc<GCache>, layer: usize, shape: AttentionShape, q: &GAct, out: &mut GAct) {
@@ -446,16 +451,28 @@ impl Backend for WgpuBackend {
         self.dispatch(KernelId::Attention, &params, &buffers, (shape.heads as u32, step.n as u32, 1));
     }
 
-    fn silu_mul(&self, n: usize, gate: &mut GAct, up: &GAct) {
-        self.elementwise(n * gate.width, 1, gate, up);
+    fn gated_act(&self, n: usize, act: Activation, gate: &mut GAct, up: &GAct) {
+        let op = match act {
+            Activation::Silu => 1,
+            Activation::GeluTanh => 2,
+        };
+        self.elementwise(n * gate.width, op, gate, &up.buf, 0.0);
+    }
+
+    fn head_rmsnorm(&self, n: usize, x: &mut GAct, w: &Arc<GBuf>, eps: f64, head_dim: usize) {
+        self.rmsnorm_op(n * x.width / head_dim, head_dim, None, w, eps, &x.buf, None);
+    }
+
+    fn scale(&self, n: usize, x: &mut GAct, s: f32) {
+        self.elementwise(n * x.width, 3, x, &self.dummy[0], s);
     }
 
     fn add(&self, n: usize, x: &mut GAct, y: &GAct) {
-        self.elementwise(n * x.width, 0, x, y);
+        self.elementwise(n * x.width, 0, x, &y.buf, 0.0);
     }
 
     fn rmsnorm_logit_rows(&self, step: &GStep, x: &GAct, w: &Arc<GBuf>, eps: f64, out: &mut GAct) {
-        self.rmsnorm_op(step.m, x, w, eps, out, Some(&step.logit_rows));
+        self.rmsnorm_op(step.m, x.width, Some(&x.buf), w, eps, &out.buf, Some(&step.logit_rows));
     }
 
     fn write(&self, x: &mut GAct, values: &[f32]) -> Result<()> {
@@ -501,9 +518,9 @@ impl Backend for WgpuBackend {
         self.matmul_op(n, gw, Some(uw), None, Some((norm, eps)), false, x, gate);
     }
 
-    fn rope_kv_write(&self, step: &GStep, cache: &mut Arc<GCache>, layer: usize, q: &mut GAct, k: &mut GAct, v: &GAct, head_dim: usize) {
+    fn rope_kv_write(&self, step: &GStep, table: usize, cache: &mut Arc<GCache>, layer: usize, q: &mut GAct, k: &mut GAct, v: &GAct, head_dim: usize) {
         let heads = (q.width / head_dim, k.width / head_dim);
-        self.rope_kv_op(step, &q.buf, &k.buf, &v.buf, Some((cache, layer)), true, heads, head_dim);
+        self.rope_kv_op(step, &q.buf, &k.buf, &v.buf, Some((cache, layer)), Some(table), heads, head_dim);
     }
 }
 
