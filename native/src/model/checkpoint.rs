@@ -89,6 +89,28 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// A checkpoint of tensors placed by the caller (`add_bytes`, `insert`): GGUF files.
+    pub fn empty() -> Self {
+        Checkpoint { paths: vec![], maps: vec![], tensors: HashMap::new() }
+    }
+
+    /// Bytes that tensors may live in, named `path` in errors; returns their index.
+    pub fn add_bytes(&mut self, path: PathBuf, bytes: SharedBytes) -> usize {
+        self.paths.push(path);
+        self.maps.push(bytes);
+        self.maps.len() - 1
+    }
+
+    /// Tensor `name` at `start..end` of bytes `file`, its bounds already checked.
+    pub fn insert(&mut self, name: String, file: usize, dtype: DType, shape: Vec<usize>, start: usize, end: usize) -> Result<()> {
+        debug_assert!(end <= (*self.maps[file]).as_ref().len());
+        if self.tensors.contains_key(&name) {
+            return Err(EngineError::tensor(&self.paths[file], &name, "appears twice"));
+        }
+        self.tensors.insert(name, TensorEntry { file, dtype, shape, start, end });
+        Ok(())
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
