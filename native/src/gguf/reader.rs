@@ -662,6 +662,19 @@ mod tests {
         err(&Writer::new().kv("n", nest(MAX_ARRAY_DEPTH + 1)).bytes(), &["field `n[0][0][0][0][0][0][0][0]`", "nested more than 8"]);
     }
 
+    #[test]
+    fn corpus_parses_and_survives_bounded_fuzzing() {
+        let corpus = crate::gguf::fuzz::load_corpus(&crate::gguf::fuzz::corpus_dir()).unwrap();
+        for seed in &corpus {
+            parse(Path::new("seed.gguf"), seed).unwrap();
+        }
+        let out = crate::gguf::fuzz::run(&corpus, 0x6767_7566, Some(100_000), None);
+        if let Some((input, msg)) = out.failure {
+            panic!("{msg} on a {}-byte input (run the fuzz_gguf example to save it): {input:02x?}", input.len());
+        }
+        assert_eq!(out.iterations, 100_000);
+    }
+
     /// A real model, when present (not in CI): `cargo test --release --lib gguf -- --ignored`.
     #[test]
     #[ignore = "needs /tmp/gemma/gemma-3-270m-q4_k_m.gguf"]
