@@ -89,12 +89,7 @@ fn main() -> ExitCode {
     let _ = std::panic::take_hook();
 
     let secs = out.elapsed.as_secs_f64();
-    println!(
-        "{} iterations in {secs:.1} s ({:.0} iterations/s), {} inputs accepted",
-        out.iterations,
-        out.iterations as f64 / secs.max(1e-9),
-        out.accepted
-    );
+    println!("{} iterations in {secs:.1} s ({:.0} iterations/s), {} inputs accepted", out.iterations, out.iterations as f64 / secs.max(1e-9), out.accepted);
     let Some((input, mut msg)) = out.failure else { return ExitCode::SUCCESS };
     if let Ok(last) = LAST_PANIC.lock() {
         if msg.starts_with("panic") && !last.is_empty() {

@@ -17,27 +17,9 @@ use rand_chacha::ChaCha8Rng;
 use super::reader::{parse, MAX_DIMS};
 
 const BOUNDARY_BYTES: [u8; 6] = [0, 1, 0x7f, 0x80, 0xfe, 0xff];
-const INTERESTING_U32: [u32; 20] = [
-    0, 1, 2, 3, 4, 7, 8, 9, 12, 13, 14, 30, 31, 32, 64, 0x7fff, 0xffff, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff,
-];
-const INTERESTING_U64: [u64; 16] = [
-    0,
-    1,
-    2,
-    32,
-    64,
-    0x7fff_ffff,
-    0x8000_0000,
-    0xffff_ffff,
-    0x1_0000_0000,
-    1 << 40,
-    1 << 60,
-    1 << 62,
-    (1 << 63) - 1,
-    1 << 63,
-    u64::MAX - 1,
-    u64::MAX,
-];
+const INTERESTING_U32: [u32; 20] = [0, 1, 2, 3, 4, 7, 8, 9, 12, 13, 14, 30, 31, 32, 64, 0x7fff, 0xffff, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff];
+const INTERESTING_U64: [u64; 16] =
+    [0, 1, 2, 32, 64, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 0x1_0000_0000, 1 << 40, 1 << 60, 1 << 62, (1 << 63) - 1, 1 << 63, u64::MAX - 1, u64::MAX];
 /// Where the header, metadata and directory of the seeds lie: half the positions fall here.
 const HEAD: usize = 1024;
 

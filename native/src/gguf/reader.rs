@@ -24,7 +24,8 @@ pub const MAX_DIMS: usize = 4;
 // The smallest encodings, to bound counts by the bytes left.
 const MIN_KV_BYTES: usize = 8 + 1 + 4 + 1; // key length, 1-byte key, value type, 1-byte value
 const MIN_TENSOR_INFO_BYTES: usize = 8 + 1 + 4 + 8 + 4 + 8; // name, n_dims, 1 dim, type, offset
-// Capacity reserved up front for a counted list; beyond it vectors grow with what is parsed.
+
+/// Capacity reserved up front for a counted list; beyond it vectors grow with what is parsed.
 const MAX_RESERVE: usize = 1 << 16;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -198,6 +199,7 @@ fn read_value(c: &mut Cursor<'_>, ty: u32, depth: usize) -> Parsed<MetaValue> {
 
 /// The name of ggml type `id`, as ggml spells it.
 pub fn ggml_type_name(id: u32) -> &'static str {
+    #[rustfmt::skip]
     const NAMES: [&str; 40] = [
         "F32", "F16", "Q4_0", "Q4_1", "Q4_2 (removed)", "Q4_3 (removed)", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
         "Q6_K", "Q8_K", "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64",
