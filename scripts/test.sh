@@ -14,6 +14,9 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 python3 -m pip install --quiet --editable ".[test]"
 
 (cd native && cargo test --release --quiet)
+# A bounded pass of the GGUF parser's mutational fuzzer (a failure saves the input under
+# native/fuzz/crashes/ and fails the run).
+(cd native && cargo run --release --quiet --example fuzz_gguf -- --seconds 60)
 
 status=0
 python3 -m pytest -q "$@" || status=$?

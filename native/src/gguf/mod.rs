@@ -7,6 +7,9 @@
 //! Metadata values are kept as the file types them (`MetaValue`); `Metadata`'s accessors
 //! convert and name the key in every error.
 
+/// The mutational fuzzer of `reader::parse` (the `fuzz_gguf` example and a bounded test).
+#[doc(hidden)]
+pub mod fuzz;
 pub mod reader;
 pub mod tokenizer;
 
@@ -49,6 +52,25 @@ impl MetaValue {
             MetaValue::U64(_) => "uint64",
             MetaValue::I64(_) => "int64",
             MetaValue::F64(_) => "float64",
+        }
+    }
+
+    /// The GGUF value type id (0..=12) of this value.
+    pub fn type_id(&self) -> u32 {
+        match self {
+            MetaValue::U8(_) => 0,
+            MetaValue::I8(_) => 1,
+            MetaValue::U16(_) => 2,
+            MetaValue::I16(_) => 3,
+            MetaValue::U32(_) => 4,
+            MetaValue::I32(_) => 5,
+            MetaValue::F32(_) => 6,
+            MetaValue::Bool(_) => 7,
+            MetaValue::Str(_) => 8,
+            MetaValue::Array(_) => 9,
+            MetaValue::U64(_) => 10,
+            MetaValue::I64(_) => 11,
+            MetaValue::F64(_) => 12,
         }
     }
 
