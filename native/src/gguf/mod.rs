@@ -9,6 +9,8 @@
 
 pub mod reader;
 pub mod tokenizer;
+mod tokenizer_bpe;
+mod tokenizer_spm;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
