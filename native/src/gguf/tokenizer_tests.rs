@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use serde_json::Value;
+use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
 
 use super::tokenizer::{from_metadata, GgufTokenizer};
 use super::{MetaValue, Metadata};
@@ -49,6 +50,15 @@ fn check_fixtures(file: &std::path::Path) -> usize {
             if got != want {
                 failures.push(format!("encode {text:?}: got {got:?}, want {want:?}"));
                 continue;
+            }
+            if let Some(want) = case.get("splits") {
+                let mut pts = PreTokenizedString::from(text);
+                tok.tokenizer.get_pre_tokenizer().unwrap().pre_tokenize(&mut pts).unwrap();
+                let got: Vec<&str> = pts.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(s, _, _)| s).collect();
+                let want: Vec<&str> = want.as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+                if got != want {
+                    failures.push(format!("pre-tokenize {text:?}: got {got:?}, want {want:?}"));
+                }
             }
             for (key, skip) in [("decoded", false), ("decoded_skip", true)] {
                 let got = tok.tokenizer.decode(&want, skip).unwrap();
