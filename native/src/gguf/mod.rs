@@ -12,6 +12,10 @@
 pub mod fuzz;
 pub mod reader;
 pub mod tokenizer;
+mod tokenizer_bpe;
+mod tokenizer_spm;
+#[cfg(test)]
+mod tokenizer_tests;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
