@@ -95,7 +95,11 @@ class Engine:
     backend: "cpu", "gpu" (wgpu: Metal on macOS, Vulkan on Linux) or "auto" (a hardware GPU
     when there is one, else the CPU). The environment variable UPG_BATCH_GPU_ADAPTER (a
     case-insensitive part of an adapter's name, e.g. "llvmpipe") forces one GPU adapter.
-    weights: how weights are held in memory: "f32", "f16", "bf16", or a GGUF block format
+    model_dir: a Hugging Face model folder (config.json, safetensors, tokenizer.json) or a GGUF
+        file (metadata, tensors and tokenizer in one; architectures llama, qwen2, gemma3).
+    weights: how weights are held in memory: None (the default: "f32" for folders, "stored"
+        for GGUF files), "stored" (each matrix as the file stores it, block formats used in
+        place), "f32", "f16", "bf16", or a GGUF block format
         quantized at load: "q8_0", "q6_k", "q5_0", "q4_k", "q4_0", or "q4_k_m" (llama.cpp's
         mix: q4_k with q6_k for the output and some layers' v and down projections).
         Matrices whose rows are not whole blocks stay f16 and are listed in
@@ -111,7 +115,7 @@ class Engine:
         self,
         model_dir: str | os.PathLike[str],
         backend: str = "cpu",
-        weights: str = "f32",
+        weights: str | None = None,
         threads: int | None = None,
         max_batch: int = 32,
         context: int | None = None,
@@ -122,7 +126,9 @@ class Engine:
                 raise EngineError(f"Engine argument `{name}` must be an integer >= {low}, got {value!r}")
         if not isinstance(fused, bool):
             raise EngineError(f"Engine argument `fused` must be True or False, got {fused!r}")
-        self._native = _native.NativeEngine(os.fspath(model_dir), backend, weights, threads, max_batch, context, fused)
+        if weights is not None and not isinstance(weights, str):
+            raise EngineError(f"Engine argument `weights` must be a string or None, got {weights!r}")
+        self._native = _native.NativeEngine(os.fspath(model_dir), backend, weights or "", threads, max_batch, context, fused)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as tokenizer.json encodes it (its post-processor included)."""

@@ -131,6 +131,15 @@ impl NativeEngine {
         d.set_item("eos_token_ids", e.eos_token_ids.clone())?;
         d.set_item("bos_token_id", c.bos_token_id)?;
         d.set_item("simd", backend::cpu::matmul::simd_name())?;
+        if let Some((template, special)) = &e.chat {
+            // A GGUF file's chat template and special-token texts (None: the file has none).
+            d.set_item("chat_template", template.clone())?;
+            let tokens = PyDict::new(py);
+            for (k, v) in special {
+                tokens.set_item(k, v)?;
+            }
+            d.set_item("special_tokens", tokens)?;
+        }
         if let Some((adapter, api, device_type, dispatches)) = e.model.gpu_info() {
             d.set_item("adapter", adapter)?;
             d.set_item("gpu_api", api)?;

@@ -2,23 +2,23 @@
 //! continuous-batching scheduler that serves `generate`.
 
 pub mod model;
+pub mod source;
 pub mod sampler;
 pub mod scheduler;
 pub mod stats;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use tokenizers::Tokenizer;
 
 pub use self::model::Model;
 use self::sampler::SamplingParams;
+use self::source::ModelSource;
 use self::scheduler::{FinishReason, Output, STEP_TOKENS};
 use self::stats::Stats;
 use crate::backend::StepRow;
 use crate::error::{EngineError, Result};
-use crate::model::config::{read_json_object, token_ids, ModelConfig};
-use crate::model::scheme::WeightScheme;
 
 const MAX_THREADS: usize = 1024;
 const MAX_BATCH: usize = 65536;
@@ -42,6 +42,9 @@ pub struct Engine {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub eos_token_ids: Vec<u32>,
+    /// A GGUF file's chat template and special-token texts (folders keep theirs in
+    /// tokenizer_config.json, read by the Python side).
+    pub chat: Option<(Option<String>, Vec<(String, String)>)>,
     pub max_batch: usize,
     pub context: usize,
     pub threads: usize,
@@ -53,9 +56,6 @@ pub struct Engine {
 
 impl Engine {
     pub fn load(model_dir: &Path, opts: EngineOptions) -> Result<Self> {
-        let scheme = WeightScheme::parse(&opts.weights).ok_or_else(|| {
-            EngineError::InvalidArgument(format!("weights {:?} is unknown (expected one of f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k, q4_k_m)", opts.weights))
-        })?;
         if opts.max_batch == 0 {
             return Err(EngineError::InvalidArgument("max_batch must be >= 1".into()));
         }
@@ -65,10 +65,8 @@ impl Engine {
         if opts.max_batch > MAX_BATCH {
             return Err(EngineError::InvalidArgument(format!("max_batch must be at most {MAX_BATCH}")));
         }
-        if !model_dir.is_dir() {
-            return Err(EngineError::file(model_dir, "model folder not found"));
-        }
-        let cfg = ModelConfig::load(model_dir)?;
+        let source = ModelSource::open(model_dir, &opts.weights)?;
+        let cfg = source.cfg.clone();
         let context = match opts.context {
             None => cfg.max_position_embeddings,
             Some(c) if c >= 2 && c <= cfg.max_position_embeddings => c,
@@ -79,16 +77,15 @@ impl Engine {
                 )))
             }
         };
-        let tokenizer = load_tokenizer(&model_dir.join("tokenizer.json"))?;
-        let eos_token_ids = load_eos(model_dir, &cfg)?;
         let threads = opts.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("upg-engine-{i}"))
             .build()
             .map_err(|e| EngineError::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
-        let model = Model::load(&opts.backend, model_dir, cfg, scheme, opts.fused)?;
-        Ok(Engine { model, tokenizer, eos_token_ids, max_batch: opts.max_batch, context, threads, stats: Stats::default(), pool, run_lock: Mutex::new(()) })
+        let ModelSource { checkpoint, tokenizer, eos_token_ids, chat, scheme, .. } = source;
+        let model = Model::load(&opts.backend, &checkpoint, cfg, scheme, opts.fused)?;
+        Ok(Engine { model, tokenizer, eos_token_ids, chat, max_batch: opts.max_batch, context, threads, stats: Stats::default(), pool, run_lock: Mutex::new(()) })
     }
 
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
@@ -213,22 +210,3 @@ impl Engine {
     }
 }
 
-fn load_tokenizer(path: &PathBuf) -> Result<Tokenizer> {
-    if !path.is_file() {
-        return Err(EngineError::Tokenizer { path: path.clone(), message: "missing".into() });
-    }
-    Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer { path: path.clone(), message: format!("cannot parse: {e}") })
-}
-
-/// EOS ids from generation_config.json (a single id or a list), else from config.json.
-fn load_eos(model_dir: &Path, cfg: &ModelConfig) -> Result<Vec<u32>> {
-    let path = model_dir.join("generation_config.json");
-    if path.is_file() {
-        let obj = read_json_object(&path)?;
-        let ids = token_ids(&path, "eos_token_id", obj.get("eos_token_id"))?;
-        if !ids.is_empty() {
-            return Ok(ids);
-        }
-    }
-    Ok(cfg.eos_token_ids.clone())
-}

@@ -1,7 +1,7 @@
 //! The loaded model on the backend `backend=` chose: one decoder type per backend behind one
 //! enum, so the rest of the engine is written once (`with_decoder!`).
 
-use std::path::Path;
+use crate::model::checkpoint::Checkpoint;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::BackendKind;
@@ -32,21 +32,21 @@ macro_rules! with_decoder {
 }
 
 impl Model {
-    pub fn load(backend: &str, model_dir: &Path, cfg: ModelConfig, scheme: WeightScheme, fused: bool) -> Result<Self> {
+    pub fn load(backend: &str, ckpt: &Checkpoint, cfg: ModelConfig, scheme: WeightScheme, fused: bool) -> Result<Self> {
         match BackendKind::parse(backend)? {
-            BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, scheme, fused)?)),
+            BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(CpuBackend, ckpt, cfg, scheme, fused)?)),
             #[cfg(feature = "gpu")]
             BackendKind::Gpu => {
                 crate::backend::wgpu::check_shapes(cfg.head_dim)?;
-                Ok(Model::Gpu(Decoder::load(WgpuBackend::new(false)?, model_dir, cfg, scheme, fused)?))
+                Ok(Model::Gpu(Decoder::load(WgpuBackend::new(false)?, ckpt, cfg, scheme, fused)?))
             }
             #[cfg(feature = "gpu")]
             BackendKind::Auto => match crate::backend::wgpu::check_shapes(cfg.head_dim).and_then(|_| WgpuBackend::new(true)) {
-                Ok(b) => Ok(Model::Gpu(Decoder::load(b, model_dir, cfg, scheme, fused)?)),
-                Err(_) => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, scheme, fused)?)),
+                Ok(b) => Ok(Model::Gpu(Decoder::load(b, ckpt, cfg, scheme, fused)?)),
+                Err(_) => Ok(Model::Cpu(Decoder::load(CpuBackend, ckpt, cfg, scheme, fused)?)),
             },
             #[cfg(not(feature = "gpu"))]
-            BackendKind::Auto => Ok(Model::Cpu(Decoder::load(CpuBackend, model_dir, cfg, scheme, fused)?)),
+            BackendKind::Auto => Ok(Model::Cpu(Decoder::load(CpuBackend, ckpt, cfg, scheme, fused)?)),
             #[cfg(not(feature = "gpu"))]
             BackendKind::Gpu => unreachable!("BackendKind::parse refuses gpu without the feature"),
         }

@@ -2,7 +2,6 @@
 //! compute backend: one struct per block with `load` and `forward`, weight names as in the
 //! checkpoint.
 
-use std::path::Path;
 use std::sync::Mutex;
 
 use super::checkpoint::Checkpoint;
@@ -29,7 +28,7 @@ impl WeightLoad {
         let shape = [rows, cols];
         let t = ckpt.tensor(name, &shape)?;
         self.stored_bytes += t.end - t.start;
-        let format = self.scheme.format_for(name, self.layers, self.tied);
+        let format = self.scheme.format_for(name, self.layers, self.tied, t.dtype);
         let held = if format.fits_row(cols) {
             format
         } else {
@@ -179,16 +178,15 @@ pub struct Decoder<B: Backend> {
 }
 
 impl<B: Backend> Decoder<B> {
-    pub fn load(backend: B, model_dir: &Path, cfg: ModelConfig, scheme: WeightScheme, fused: bool) -> Result<Self> {
+    pub fn load(backend: B, ckpt: &Checkpoint, cfg: ModelConfig, scheme: WeightScheme, fused: bool) -> Result<Self> {
         let b = &backend;
-        let ckpt = Checkpoint::open(model_dir)?;
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
         let name = "model.embed_tokens.weight";
         let mut w = WeightLoad { scheme, layers: cfg.num_hidden_layers, tied: cfg.tie_word_embeddings, fallbacks: Vec::new(), stored_bytes: 0 };
-        let embed_tokens = w.matrix(b, &ckpt, name, vocab, h)?;
+        let embed_tokens = w.matrix(b, ckpt, name, vocab, h)?;
         // Tied checkpoints may still carry an lm_head copy; transformers ignores it, so do we.
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(w.matrix(b, &ckpt, "lm_head.weight", vocab, h)?) };
-        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(b, &ckpt, &cfg, i, &mut w)).collect::<Result<_>>()?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(w.matrix(b, ckpt, "lm_head.weight", vocab, h)?) };
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::load(b, ckpt, &cfg, i, &mut w)).collect::<Result<_>>()?;
         let mut final_norm = ckpt.vector("model.norm.weight", h)?;
         final_norm.iter_mut().for_each(|v| *v += cfg.blocks.norm_offset);
         let norm = b.upload_vector(&final_norm)?;

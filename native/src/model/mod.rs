@@ -4,5 +4,6 @@
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+pub mod gguf_model;
 pub mod rope;
 pub mod scheme;

@@ -8,12 +8,15 @@ use crate::tensor::WeightFormat;
 pub enum WeightScheme {
     Uniform(WeightFormat),
     Q4KM,
+    /// Every matrix as the file stores it (GGUF files: their block formats, used in place).
+    Stored,
 }
 
 impl WeightScheme {
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "q4_k_m" => Some(WeightScheme::Q4KM),
+            "stored" => Some(WeightScheme::Stored),
             _ => WeightFormat::parse(name).map(WeightScheme::Uniform),
         }
     }
@@ -22,16 +25,19 @@ impl WeightScheme {
         match self {
             WeightScheme::Uniform(f) => f.name(),
             WeightScheme::Q4KM => "q4_k_m",
+            WeightScheme::Stored => "stored",
         }
     }
 
     /// The format for the checkpoint matrix `name` (Hugging Face names) of a model with
-    /// `layers` layers; `tied`: the embedding is also the output matrix.
-    pub fn format_for(self, name: &str, layers: usize, tied: bool) -> WeightFormat {
-        let WeightScheme::Q4KM = self else {
-            let WeightScheme::Uniform(f) = self else { unreachable!() };
-            return f;
-        };
+    /// `layers` layers; `tied`: the embedding is also the output matrix; `stored`: the
+    /// format the file stores it in.
+    pub fn format_for(self, name: &str, layers: usize, tied: bool, stored: WeightFormat) -> WeightFormat {
+        match self {
+            WeightScheme::Uniform(f) => return f,
+            WeightScheme::Stored => return stored,
+            WeightScheme::Q4KM => {}
+        }
         let layer = name.strip_prefix("model.layers.").and_then(|rest| rest.split('.').next()).and_then(|i| i.parse::<usize>().ok());
         let output = name == "lm_head.weight" || (tied && name == "model.embed_tokens.weight");
         let more_bits = |i: usize| i < layers / 8 || i >= 7 * layers / 8 || (i as isize - (layers / 8) as isize) % 3 == 2;
@@ -52,14 +58,14 @@ mod tests {
     fn q4_k_m_widens_what_llama_cpp_widens() {
         let s = WeightScheme::Q4KM;
         // 22 layers (TinyLlama): more_bits picks 0, 1, 4, 7, 10, 13, 16, 19, 20, 21.
-        let wide: Vec<usize> = (0..22).filter(|i| s.format_for(&format!("model.layers.{i}.mlp.down_proj.weight"), 22, false) == WeightFormat::Q6K).collect();
+        let wide: Vec<usize> = (0..22).filter(|i| s.format_for(&format!("model.layers.{i}.mlp.down_proj.weight"), 22, false, WeightFormat::F16) == WeightFormat::Q6K).collect();
         assert_eq!(wide, [0, 1, 4, 7, 10, 13, 16, 19, 20, 21]);
-        assert_eq!(s.format_for("model.layers.4.self_attn.v_proj.weight", 22, false), WeightFormat::Q6K);
-        assert_eq!(s.format_for("model.layers.4.self_attn.k_proj.weight", 22, false), WeightFormat::Q4K);
-        assert_eq!(s.format_for("model.layers.5.self_attn.v_proj.weight", 22, false), WeightFormat::Q4K);
-        assert_eq!(s.format_for("lm_head.weight", 22, false), WeightFormat::Q6K);
-        assert_eq!(s.format_for("model.embed_tokens.weight", 22, false), WeightFormat::Q4K);
-        assert_eq!(s.format_for("model.embed_tokens.weight", 22, true), WeightFormat::Q6K);
+        assert_eq!(s.format_for("model.layers.4.self_attn.v_proj.weight", 22, false, WeightFormat::F16), WeightFormat::Q6K);
+        assert_eq!(s.format_for("model.layers.4.self_attn.k_proj.weight", 22, false, WeightFormat::F16), WeightFormat::Q4K);
+        assert_eq!(s.format_for("model.layers.5.self_attn.v_proj.weight", 22, false, WeightFormat::F16), WeightFormat::Q4K);
+        assert_eq!(s.format_for("lm_head.weight", 22, false, WeightFormat::F16), WeightFormat::Q6K);
+        assert_eq!(s.format_for("model.embed_tokens.weight", 22, false, WeightFormat::F16), WeightFormat::Q4K);
+        assert_eq!(s.format_for("model.embed_tokens.weight", 22, true, WeightFormat::F16), WeightFormat::Q6K);
         assert_eq!(WeightScheme::parse("q8_0"), Some(WeightScheme::Uniform(WeightFormat::Q8_0)));
         assert_eq!(WeightScheme::parse("q4_k_m").map(|s| s.name()), Some("q4_k_m"));
     }
