@@ -21,7 +21,7 @@ def _with(section: str, **values):
 
 def test_defaults_are_sensible():
     cfg = parse_config(BASE)
-    assert cfg.model.backend == "cpu" and cfg.model.weights == "f32" and cfg.model.max_batch == 32
+    assert cfg.model.backend == "cpu" and cfg.model.weights is None and cfg.model.max_batch == 32
     assert cfg.model.fused is True
     assert cfg.sampling.max_tokens == 128 and cfg.sampling.temperature == 0.0
     assert cfg.output.format == "arrow" and cfg.output.passthrough == ()

@@ -67,7 +67,7 @@ def test_fused_is_part_of_a_gpu_jobs_config_but_not_a_cpu_jobs():
         assert fields(backend=backend)["model"]["fused"] is True
     # The CPU computes the same bits either way: its fingerprint stays as it was before the key existed.
     assert fields(backend="cpu", fused=False) == fields(backend="cpu", fused=True)
-    assert fields()["model"] == {"backend": "cpu", "weights": "f32", "context": None}
+    assert fields()["model"] == {"backend": "cpu", "weights": None, "context": None}
     assert fields(backend="gpu") != fields(backend="cpu")
 
 

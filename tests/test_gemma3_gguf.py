@@ -101,3 +101,10 @@ def test_a_truncated_gguf_is_refused_with_its_name(gguf_path: Path, tmp_path: Pa
         bad.write_bytes(f.read(4096))
     with pytest.raises(EngineError, match="cut.gguf"):
         Engine(bad)
+
+
+def test_a_gguf_path_is_a_model_for_jobs(gguf_path: Path) -> None:
+    from upg_batch.chat import is_gguf_file, load_chat_template
+
+    assert is_gguf_file(gguf_path) and not is_gguf_file(gguf_path.parent)
+    assert load_chat_template(gguf_path) is None  # the base model's file carries no template

@@ -78,6 +78,15 @@ class ChatTemplate:
             raise MessagesError(f"chat template refused the messages: {e}") from None
 
 
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether `path` is a file that starts with the GGUF magic."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with p.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def check_messages(messages: Any) -> list[dict[str, str]]:
     if messages is None:
         raise MessagesError("messages is null")
@@ -108,8 +117,19 @@ def _token_text(value: Any) -> str | None:
 
 
 def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
-    """The model's chat template (chat_template.jinja, else tokenizer_config.json), or None."""
+    """The model's chat template (chat_template.jinja, else tokenizer_config.json, or a GGUF
+    file's `tokenizer.chat_template`), or None."""
     model_dir = Path(model_dir)
+    if is_gguf_file(model_dir):
+        from upg_batch import _native
+
+        try:
+            source, special = _native.gguf_chat_template(str(model_dir))
+        except _native.EngineError as e:
+            raise ChatTemplateError(str(e)) from None
+        if not source:
+            return None
+        return ChatTemplate(source, dict(special), origin=f"{model_dir} (tokenizer.chat_template)")
     config: dict[str, Any] = {}
     cfg_path = model_dir / "tokenizer_config.json"
     if cfg_path.is_file():

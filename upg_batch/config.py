@@ -35,11 +35,13 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    path: Path = Field(strict=False, description="Hugging Face model folder (config.json, *.safetensors, tokenizer.json).")
+    path: Path = Field(strict=False, description="Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or a GGUF file.")
     backend: Literal["cpu", "gpu", "auto"] = Field(
         "cpu", description="Engine backend: cpu, gpu (wgpu: Metal or Vulkan), or auto (a hardware GPU when there is one, else the CPU)."
     )
-    weights: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k", "q4_k_m"] = Field("f32", description="How weights are held in memory.")
+    weights: Literal["stored", "f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k", "q4_k_m"] | None = Field(
+        None, description="How weights are held in memory (default: f32 for folders, stored for GGUF files)."
+    )
     threads: int | None = Field(None, ge=1, description="Compute threads per engine (null: all cores).")
     max_batch: int = Field(32, ge=1, description="Sequences an engine runs at once.")
     context: int | None = Field(None, ge=2, description="Longest sequence in tokens (null: the model's maximum).")

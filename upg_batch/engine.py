@@ -128,6 +128,8 @@ class Engine:
             raise EngineError(f"Engine argument `fused` must be True or False, got {fused!r}")
         if weights is not None and not isinstance(weights, str):
             raise EngineError(f"Engine argument `weights` must be a string or None, got {weights!r}")
+        if weights == "":
+            raise EngineError('weights "" is unknown (leave it None for the default, or name a format)')
         self._native = _native.NativeEngine(os.fspath(model_dir), backend, weights or "", threads, max_batch, context, fused)
 
     def tokenize(self, text: str) -> list[int]:

@@ -20,7 +20,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 
 from upg_batch import budget
 from upg_batch.actor import test_hooks_from_env
-from upg_batch.chat import ChatTemplateError, load_chat_template
+from upg_batch.chat import ChatTemplateError, is_gguf_file, load_chat_template
 from upg_batch.cluster import Slot, connect, kill_actor, no_slots_message, node_alive, plan_slots, shared_gpu_warnings, start_actor
 from upg_batch.commit import CommitError, Committer
 from upg_batch.config import JobConfig
@@ -67,8 +67,10 @@ class _NoMetrics:
 
 def check_model_dir(cfg: JobConfig) -> None:
     p = Path(cfg.model.path)
+    if is_gguf_file(p):
+        return
     if not (p / "config.json").is_file():
-        raise ModelError(f"model.path {p}: no config.json there (expected a Hugging Face model folder)")
+        raise ModelError(f"model.path {p}: no config.json there (expected a Hugging Face model folder or a GGUF file)")
 
 
 def check_chat_template(cfg: JobConfig) -> Any:

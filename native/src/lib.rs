@@ -197,6 +197,28 @@ fn block_format(name: &str) -> PyResult<tensor::WeightFormat> {
     }
 }
 
+/// A GGUF file's chat template (None if it has none) and special-token texts (bos_token,
+/// eos_token, ...), read from its metadata without loading the model.
+#[pyfunction]
+fn gguf_chat_template(py: Python<'_>, path: PathBuf) -> PyResult<(Option<String>, Vec<(String, String)>)> {
+    py.allow_threads(|| -> error::Result<_> {
+        let file = gguf::reader::GgufFile::open(&path)?;
+        let meta = &file.metadata;
+        let template = meta.str_opt("tokenizer.chat_template")?.map(str::to_string);
+        let tokens = meta.str_array_opt("tokenizer.ggml.tokens")?.unwrap_or_default();
+        let mut special = Vec::new();
+        for (name, key) in [("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")] {
+            if let Some(id) = meta.usize_opt(&format!("tokenizer.ggml.{key}_token_id"))? {
+                if let Some(text) = tokens.get(id) {
+                    special.push((name.to_string(), text.to_string()));
+                }
+            }
+        }
+        Ok((template, special))
+    })
+    .map_err(to_py)
+}
+
 /// The blocks (GGUF/ggml layout) of `values`, little-endian f32 bytes whose count is a whole
 /// number of the format's blocks.
 #[pyfunction]
@@ -249,6 +271,7 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<NativeEngine>()?;
     m.add_function(wrap_pyfunction!(measure_read_bandwidth, m)?)?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf_chat_template, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(measure_gpu_read_bandwidth, m)?)?;
     Ok(())
