@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{AttentionShape, Backend, CacheShape, StepInput, StepRow};
-use crate::model::config::Activation;
+use crate::backend::Activation;
 use crate::tensor::{HostTensor, SharedBytes, WeightFormat};
 
 const FORMATS: [WeightFormat; 8] = WeightFormat::ALL;

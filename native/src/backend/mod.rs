@@ -13,8 +13,15 @@ pub mod cpu;
 pub mod wgpu;
 
 use crate::error::{EngineError, Result};
-use crate::model::config::Activation;
 use crate::tensor::{HostTensor, WeightFormat};
+
+/// The gated MLP's activation: act(gate(x)) * up(x).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
+}
 
 /// One token of one sequence in a step: the sequence's cache slot, its position, its token.
 #[derive(Clone, Copy, Debug)]

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+pub use crate::backend::Activation;
 use crate::error::{EngineError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,14 +26,6 @@ impl Architecture {
             Architecture::Gemma3 => "Gemma3ForCausalLM",
         }
     }
-}
-
-/// The gated MLP's activation: act(gate(x)) * up(x).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Silu,
-    /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
-    GeluTanh,
 }
 
 /// How rotary position embeddings are scaled (`rope_type`).

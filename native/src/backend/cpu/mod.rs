@@ -17,7 +17,7 @@ use self::ops::{gelu_tanh_mul, rmsnorm, rope_apply, silu_mul};
 use self::weights::Matrix;
 use super::{AttentionShape, Backend, CacheShape, StepInput, StepRow};
 use crate::error::Result;
-use crate::model::config::Activation;
+use crate::backend::Activation;
 use crate::tensor::{HostTensor, WeightFormat};
 
 #[derive(Default)]

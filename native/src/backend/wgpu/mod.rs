@@ -18,7 +18,7 @@ pub use self::recorder::Profile;
 use self::recorder::{grid, storage_usage, GBuf, Recorder};
 use super::{AttentionShape, Backend, CacheShape, StepInput};
 use crate::error::{EngineError, Result};
-use crate::model::config::Activation;
+use crate::backend::Activation;
 use crate::tensor::{HostTensor, WeightFormat};
 
 /// Lowers the largest buffer a weight matrix is held in (bytes), to exercise splitting with
