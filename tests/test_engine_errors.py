@@ -499,6 +499,25 @@ def test_unknown_weights_format() -> None:
         expect_engine_error(lambda: Engine(MODELS / "llama-tiny", weights=w), "weights", repr(w).replace("'", '"'))
 
 
+def test_activations_option_is_checked() -> None:
+    for bad in ("f16", "", "INT8", 8):
+        expect_engine_error(lambda: Engine(MODELS / "llama-tiny", activations=bad), "activations")
+    # int8 activations are the CPU's; the GPU keeps f32 and says so rather than ignoring it
+    expect_engine_error(lambda: Engine(MODELS / "llama-tiny", backend="gpu", activations="int8"), "activations='int8'", "cpu backend")
+
+
+def test_cpu_f32_activations_compute_what_the_gpu_computes() -> None:
+    """The same q8_0 weights on the CPU with f32 activations and on the GPU (always f32
+    activations) agree to f32 rounding; the CPU's int8 activations are visibly farther."""
+    gpu = Engine(MODELS / "llama-tiny", weights="q8_0", backend="gpu").logits(PROMPT)
+    f32acts = Engine(MODELS / "llama-tiny", weights="q8_0", activations="f32")
+    int8acts = Engine(MODELS / "llama-tiny", weights="q8_0")
+    assert (f32acts.info["activations"], int8acts.info["activations"]) == ("f32", "int8")
+    near, far = np.abs(f32acts.logits(PROMPT) - gpu).max(), np.abs(int8acts.logits(PROMPT) - gpu).max()
+    assert near < 1e-4, near
+    assert far > 10 * near, (near, far)
+
+
 def test_unknown_backend() -> None:
     expect_engine_error(lambda: Engine(MODELS / "llama-tiny", backend="tpu"), "backend", "tpu")
 

@@ -67,8 +67,26 @@ def test_fused_is_part_of_a_gpu_jobs_config_but_not_a_cpu_jobs():
         assert fields(backend=backend)["model"]["fused"] is True
     # The CPU computes the same bits either way: its fingerprint stays as it was before the key existed.
     assert fields(backend="cpu", fused=False) == fields(backend="cpu", fused=True)
-    assert fields()["model"] == {"backend": "cpu", "weights": None, "context": None}
+    assert fields()["model"] == {"backend": "cpu", "weights": "f32", "context": None}
     assert fields(backend="gpu") != fields(backend="cpu")
+
+
+def test_default_weights_and_activations_are_named_in_the_fingerprint(tmp_path: Path):
+    from upg_batch.config import parse_config
+    from upg_batch.fingerprint import config_fields
+
+    def fields(path: str, **model):
+        return config_fields(parse_config({"model": {"path": path, **model}, "input": {"path": "d"}, "output": {"path": "o"}}))["model"]
+
+    # None is the source's natural format, so a job that spelled the default out resumes
+    assert fields(str(MODEL)) == fields(str(MODEL), weights="f32")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(20))
+    assert fields(str(gguf))["weights"] == "stored"
+    assert fields(str(gguf)) != fields(str(gguf), weights="f32")
+    # activations change the arithmetic; left out when unset, as before the key existed
+    assert "activations" not in fields(str(MODEL))
+    assert fields(str(MODEL), activations="f32") != fields(str(MODEL), activations="int8") != fields(str(MODEL))
 
 
 def _inputs(tmp_path: Path, model: Path, **sections):

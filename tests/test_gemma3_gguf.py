@@ -2,10 +2,11 @@
 ../shared/fixtures/golden/gemma3-270m-q4km.json (copied to tests/fixtures/golden): transformers
 loading the same file, dequantized, computing in float32.
 
-The GPU backend multiplies the stored block formats with f32 activations, as the reference
-does: top-32 prefill logits within 1e-3 and greedy tokens identical up to the first step whose
-margin is below 1e-2. The CPU backend multiplies block formats with int8-quantized activations
-(as llama.cpp does), so it is held to the stated looser bounds below."""
+The GPU backend, and the CPU backend with activations="f32", multiply the stored block formats
+with f32 activations, as the reference does: top-32 prefill logits within 1e-3 and greedy
+tokens identical up to the first step whose margin is below 1e-2. The CPU's default multiplies
+block formats with int8-quantized activations (as llama.cpp does), so it is held to the stated
+looser bounds below."""
 
 from __future__ import annotations
 
@@ -42,6 +43,11 @@ def cpu_engine(gguf_path: Path) -> Engine:
     return Engine(gguf_path, backend="cpu", max_batch=8, context=256)
 
 
+@pytest.fixture(scope="module")
+def cpu_f32_engine(gguf_path: Path) -> Engine:
+    return Engine(gguf_path, backend="cpu", max_batch=8, context=256, activations="f32")
+
+
 def top32_error(eng: Engine, case: dict) -> tuple[float, np.ndarray]:
     logits = np.asarray(eng.logits(case["prompt_ids"]), dtype=np.float64)
     ids = np.asarray(case["prefill_top_ids"])
@@ -65,15 +71,14 @@ def test_info_reports_the_stored_block_formats(cpu_engine: Engine, gguf_path: Pa
     assert info["eos_token_ids"] == [1] and info["bos_token_id"] == 2
 
 
-def test_gpu_prefill_logits_match_the_reference(gpu_engine: Engine) -> None:
+def assert_prefill_matches(eng: Engine) -> None:
     for case in CASES:
-        err, _ = top32_error(gpu_engine, case)
+        err, _ = top32_error(eng, case)
         assert err < 1e-3, f"{case['prompt']!r}: top-32 logits differ by {err}"
 
 
-def test_gpu_greedy_tokens_match_the_reference_batched(gpu_engine: Engine) -> None:
-    steps = 12
-    outs = gpu_engine.generate([c["prompt_ids"] for c in CASES], SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True))
+def assert_greedy_matches(eng: Engine, steps: int) -> None:
+    outs = eng.generate([c["prompt_ids"] for c in CASES], SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True))
     for case, out in zip(CASES, outs):
         ref, margins = case["greedy_ids"][:steps], case["step_margin"]
         for i, (a, b) in enumerate(zip(out.token_ids, ref)):
@@ -82,9 +87,24 @@ def test_gpu_greedy_tokens_match_the_reference_batched(gpu_engine: Engine) -> No
             assert a == b, f"{case['prompt']!r}: step {i} gave {a}, reference {b} (margin {margins[i]:.3f})"
 
 
+def test_gpu_prefill_logits_match_the_reference(gpu_engine: Engine) -> None:
+    assert_prefill_matches(gpu_engine)  # measured: 3e-5
+
+
+def test_gpu_greedy_tokens_match_the_reference_batched(gpu_engine: Engine) -> None:
+    assert_greedy_matches(gpu_engine, steps=12)
+
+
+def test_cpu_f32_activations_match_the_reference(cpu_f32_engine: Engine) -> None:
+    assert cpu_f32_engine.info["activations"] == "f32"
+    assert_prefill_matches(cpu_f32_engine)  # measured: 3e-5
+    assert_greedy_matches(cpu_f32_engine, steps=32)
+
+
 def test_cpu_int8_activations_stay_within_stated_bounds(cpu_engine: Engine) -> None:
     # Measured: max top-32 error 0.32 on logits of magnitude up to ~30. Bound: 0.6, and the
     # reference's top-1 is the engine's top-1 wherever its lead is above 0.6.
+    assert cpu_engine.info["activations"] == "int8"
     for case in CASES:
         err, logits = top32_error(cpu_engine, case)
         assert err < 0.6, f"{case['prompt']!r}: top-32 logits differ by {err}"

@@ -45,6 +45,11 @@ class ModelSection(_Section):
     threads: int | None = Field(None, ge=1, description="Compute threads per engine (null: all cores).")
     max_batch: int = Field(32, ge=1, description="Sequences an engine runs at once.")
     context: int | None = Field(None, ge=2, description="Longest sequence in tokens (null: the model's maximum).")
+    activations: Literal["int8", "f32"] | None = Field(
+        None,
+        description="How block-format weights meet the activations: int8 (the CPU default: integer dot products, fast) or f32 "
+        "(follows the dequantized model to f32 rounding; slower on the CPU; the GPU's only way). null: the backend's own.",
+    )
     fused: bool = Field(
         True,
         description="Fused GPU kernels (norm into matmul, SwiGLU, residual add, RoPE with the KV write): fewer dispatches "

@@ -103,8 +103,11 @@ class Engine:
         quantized at load: "q8_0", "q6_k", "q5_0", "q4_k", "q4_0", or "q4_k_m" (llama.cpp's
         mix: q4_k with q6_k for the output and some layers' v and down projections).
         Matrices whose rows are not whole blocks stay f16 and are listed in
-        `info["weight_fallbacks"]`. The CPU multiplies block formats with int8-quantized
-        activations; the GPU in f32.
+        `info["weight_fallbacks"]`.
+    activations: how block-format weights meet the activations: None (the backend's own),
+        "int8" (the CPU default: activations quantized per group of 32, integer dot products,
+        as llama.cpp does; fast) or "f32" (the dequantized weights times f32 activations,
+        which follows the reference to f32 rounding; slower on the CPU, the GPU's only way).
     threads: compute threads (None: all cores). max_batch: sequences in flight at once.
     context: longest sequence (prompt + completion) in tokens (None: the model's maximum).
     fused: fused kernels where the backend has them (the GPU: fewer dispatches per step);
@@ -120,6 +123,7 @@ class Engine:
         max_batch: int = 32,
         context: int | None = None,
         fused: bool = True,
+        activations: str | None = None,
     ) -> None:
         for name, value, low in (("threads", threads, 1), ("max_batch", max_batch, 1), ("context", context, 2)):
             if value is not None and not int_in(value, low, 2**31):
@@ -130,7 +134,9 @@ class Engine:
             raise EngineError(f"Engine argument `weights` must be a string or None, got {weights!r}")
         if weights == "":
             raise EngineError('weights "" is unknown (leave it None for the default, or name a format)')
-        self._native = _native.NativeEngine(os.fspath(model_dir), backend, weights or "", threads, max_batch, context, fused)
+        if activations not in (None, "int8", "f32"):
+            raise EngineError(f"Engine argument `activations` must be 'int8', 'f32' or None, got {activations!r}")
+        self._native = _native.NativeEngine(os.fspath(model_dir), backend, weights or "", threads, max_batch, context, fused, activations or "")
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as tokenizer.json encodes it (its post-processor included)."""

@@ -18,6 +18,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from upg_batch.chat import is_gguf_file
 from upg_batch.config import JobConfig
 from upg_batch.plan import Plan
 
@@ -29,7 +30,12 @@ _EDGE = 1 << 16  # bytes hashed at each end of a weight file without a parseable
 
 def config_fields(cfg: JobConfig) -> dict[str, Any]:
     """The config fields that change what is written (not where it runs or how fast)."""
-    model: dict[str, Any] = {"backend": cfg.model.backend, "weights": cfg.model.weights, "context": cfg.model.context}
+    # weights None means the source's natural format: named, so a job written when the default
+    # was spelled out (f32) resumes under the implicit one.
+    weights = cfg.model.weights or ("stored" if is_gguf_file(cfg.model.path) else "f32")
+    model: dict[str, Any] = {"backend": cfg.model.backend, "weights": weights, "context": cfg.model.context}
+    if cfg.model.activations is not None:
+        model["activations"] = cfg.model.activations
     if cfg.model.backend != "cpu":
         # The GPU's fused kernels sum in another order than its one-op kernels. The CPU does
         # not fuse (the same bits either way), so a CPU job's fingerprint leaves it out, as

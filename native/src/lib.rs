@@ -46,7 +46,7 @@ struct NativeEngine {
 #[pymethods]
 impl NativeEngine {
     #[new]
-    #[pyo3(signature = (model_dir, backend, weights, threads, max_batch, context, fused = true))]
+    #[pyo3(signature = (model_dir, backend, weights, threads, max_batch, context, fused = true, activations = String::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -57,8 +57,9 @@ impl NativeEngine {
         max_batch: usize,
         context: Option<usize>,
         fused: bool,
+        activations: String,
     ) -> PyResult<Self> {
-        let opts = EngineOptions { backend, weights, threads, max_batch, context, fused };
+        let opts = EngineOptions { backend, weights, threads, max_batch, context, fused, activations };
         let inner = py.allow_threads(|| Engine::load(&model_dir, opts)).map_err(to_py)?;
         Ok(NativeEngine { inner })
     }
@@ -122,6 +123,7 @@ impl NativeEngine {
         d.set_item("backend", e.model.backend_name())?;
         d.set_item("weights", e.model.scheme().name())?;
         d.set_item("fused", e.model.fused())?;
+        d.set_item("activations", e.model.activations())?;
         d.set_item("weight_bytes", e.model.weight_bytes())?;
         d.set_item("checkpoint_matrix_bytes", e.model.checkpoint_matrix_bytes())?;
         d.set_item("weight_fallbacks", e.model.weight_fallbacks())?;

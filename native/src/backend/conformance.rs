@@ -381,7 +381,13 @@ fn conformance<B: Backend>(b: &B) {
 
 #[test]
 fn cpu_backend_conforms() {
-    rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap().install(|| conformance(&super::cpu::CpuBackend));
+    rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap().install(|| conformance(&super::cpu::CpuBackend::default()));
+}
+
+#[test]
+fn cpu_backend_with_f32_activations_conforms() {
+    let b = super::cpu::CpuBackend { acts: super::cpu::matmul::BlockActs::F32 };
+    rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap().install(|| conformance(&b));
 }
 
 #[cfg(feature = "gpu")]

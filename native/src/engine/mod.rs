@@ -31,6 +31,8 @@ pub struct EngineOptions {
     pub context: Option<usize>,
     /// Fused kernels on backends that have them.
     pub fused: bool,
+    /// Activations of block-format products: "" (the backend's own), "int8" or "f32".
+    pub activations: String,
 }
 
 pub enum Prompt {
@@ -84,7 +86,7 @@ impl Engine {
             .build()
             .map_err(|e| EngineError::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
         let ModelSource { checkpoint, tokenizer, eos_token_ids, chat, scheme, .. } = source;
-        let model = Model::load(&opts.backend, &checkpoint, cfg, scheme, opts.fused)?;
+        let model = Model::load(&opts.backend, &opts.activations, &checkpoint, cfg, scheme, opts.fused)?;
         Ok(Engine { model, tokenizer, eos_token_ids, chat, max_batch: opts.max_batch, context, threads, stats: Stats::default(), pool, run_lock: Mutex::new(()) })
     }
 

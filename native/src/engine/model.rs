@@ -3,9 +3,10 @@
 
 use crate::model::checkpoint::Checkpoint;
 
+use crate::backend::cpu::matmul::BlockActs;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::BackendKind;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::Decoder;
 use crate::model::scheme::WeightScheme;
@@ -32,9 +33,21 @@ macro_rules! with_decoder {
 }
 
 impl Model {
-    pub fn load(backend: &str, ckpt: &Checkpoint, cfg: ModelConfig, scheme: WeightScheme, fused: bool) -> Result<Self> {
-        match BackendKind::parse(backend)? {
-            BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(CpuBackend, ckpt, cfg, scheme, fused)?)),
+    /// `activations`: "" (the backend's own: int8 on the CPU, f32 on the GPU), "int8" (CPU
+    /// only) or "f32", for products with block-format weights.
+    pub fn load(backend: &str, activations: &str, ckpt: &Checkpoint, cfg: ModelConfig, scheme: WeightScheme, fused: bool) -> Result<Self> {
+        let (cpu_acts, gpu_ok) = match activations {
+            "" | "int8" => (BlockActs::Int8, activations.is_empty()),
+            "f32" => (BlockActs::F32, true),
+            other => return Err(EngineError::InvalidArgument(format!("activations must be 'int8' or 'f32' (or None for the backend's own), not {other:?}"))),
+        };
+        let cpu = || CpuBackend { acts: cpu_acts };
+        let kind = BackendKind::parse(backend)?;
+        if !gpu_ok && kind == BackendKind::Gpu {
+            return Err(EngineError::InvalidArgument("activations='int8' is for the cpu backend; the gpu backend keeps activations in f32".into()));
+        }
+        match kind {
+            BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(cpu(), ckpt, cfg, scheme, fused)?)),
             #[cfg(feature = "gpu")]
             BackendKind::Gpu => {
                 crate::backend::wgpu::check_shapes(cfg.head_dim)?;
@@ -43,10 +56,10 @@ impl Model {
             #[cfg(feature = "gpu")]
             BackendKind::Auto => match crate::backend::wgpu::check_shapes(cfg.head_dim).and_then(|_| WgpuBackend::new(true)) {
                 Ok(b) => Ok(Model::Gpu(Decoder::load(b, ckpt, cfg, scheme, fused)?)),
-                Err(_) => Ok(Model::Cpu(Decoder::load(CpuBackend, ckpt, cfg, scheme, fused)?)),
+                Err(_) => Ok(Model::Cpu(Decoder::load(cpu(), ckpt, cfg, scheme, fused)?)),
             },
             #[cfg(not(feature = "gpu"))]
-            BackendKind::Auto => Ok(Model::Cpu(Decoder::load(CpuBackend, ckpt, cfg, scheme, fused)?)),
+            BackendKind::Auto => Ok(Model::Cpu(Decoder::load(cpu(), ckpt, cfg, scheme, fused)?)),
             #[cfg(not(feature = "gpu"))]
             BackendKind::Gpu => unreachable!("BackendKind::parse refuses gpu without the feature"),
         }
@@ -111,6 +124,14 @@ impl Model {
             Model::Cpu(_) => "cpu",
             #[cfg(feature = "gpu")]
             Model::Gpu(_) => "gpu",
+        }
+    }
+
+    /// How products with block-format weights take the activations.
+    pub fn activations(&self) -> &'static str {
+        match self {
+            Model::Cpu(m) if m.backend.acts == BlockActs::Int8 => "int8",
+            _ => "f32",
         }
     }
 }

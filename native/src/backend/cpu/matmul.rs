@@ -14,26 +14,28 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::weights::WeightView;
 
-/// Calls `$kernel::<R, B>(args...)` for a run-time tile shape (R <= 4, B <= 4).
+/// Calls `$kernel::<G.., R, B>(args...)` for a run-time tile shape (R <= 4, B <= 4); `[G..]`
+/// are leading generic arguments (a block format), if any.
 macro_rules! dispatch {
-($kernel:ident, $nr:expr, $nb:expr, $($arg:expr),*) => {
+($kernel:ident, $nr:expr, $nb:expr, $($arg:expr),*) => { dispatch!($kernel [], $nr, $nb, $($arg),*) };
+($kernel:ident [$($g:ty),*], $nr:expr, $nb:expr, $($arg:expr),*) => {
     match ($nr, $nb) {
-        (1, 1) => $kernel::<1, 1>($($arg),*),
-        (1, 2) => $kernel::<1, 2>($($arg),*),
-        (1, 3) => $kernel::<1, 3>($($arg),*),
-        (1, 4) => $kernel::<1, 4>($($arg),*),
-        (2, 1) => $kernel::<2, 1>($($arg),*),
-        (2, 2) => $kernel::<2, 2>($($arg),*),
-        (2, 3) => $kernel::<2, 3>($($arg),*),
-        (2, 4) => $kernel::<2, 4>($($arg),*),
-        (3, 1) => $kernel::<3, 1>($($arg),*),
-        (3, 2) => $kernel::<3, 2>($($arg),*),
-        (3, 3) => $kernel::<3, 3>($($arg),*),
-        (3, 4) => $kernel::<3, 4>($($arg),*),
-        (4, 1) => $kernel::<4, 1>($($arg),*),
-        (4, 2) => $kernel::<4, 2>($($arg),*),
-        (4, 3) => $kernel::<4, 3>($($arg),*),
-        (4, 4) => $kernel::<4, 4>($($arg),*),
+        (1, 1) => $kernel::<$($g,)* 1, 1>($($arg),*),
+        (1, 2) => $kernel::<$($g,)* 1, 2>($($arg),*),
+        (1, 3) => $kernel::<$($g,)* 1, 3>($($arg),*),
+        (1, 4) => $kernel::<$($g,)* 1, 4>($($arg),*),
+        (2, 1) => $kernel::<$($g,)* 2, 1>($($arg),*),
+        (2, 2) => $kernel::<$($g,)* 2, 2>($($arg),*),
+        (2, 3) => $kernel::<$($g,)* 2, 3>($($arg),*),
+        (2, 4) => $kernel::<$($g,)* 2, 4>($($arg),*),
+        (3, 1) => $kernel::<$($g,)* 3, 1>($($arg),*),
+        (3, 2) => $kernel::<$($g,)* 3, 2>($($arg),*),
+        (3, 3) => $kernel::<$($g,)* 3, 3>($($arg),*),
+        (3, 4) => $kernel::<$($g,)* 3, 4>($($arg),*),
+        (4, 1) => $kernel::<$($g,)* 4, 1>($($arg),*),
+        (4, 2) => $kernel::<$($g,)* 4, 2>($($arg),*),
+        (4, 3) => $kernel::<$($g,)* 4, 3>($($arg),*),
+        (4, 4) => $kernel::<$($g,)* 4, 4>($($arg),*),
         _ => unreachable!("tile {}x{} out of range", $nr, $nb),
     }
 };
@@ -41,6 +43,7 @@ macro_rules! dispatch {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod f32acts;
 mod int8;
 mod portable;
 
@@ -59,6 +62,9 @@ const PORTABLE_TILE_BATCH: usize = 2;
 const INT8_TILE_SINGLE: (usize, usize) = (4, 1);
 const INT8_TILE: (usize, usize) = (2, 4);
 const INT8_PORTABLE_TILE: (usize, usize) = (4, 2);
+/// f32-activation tiles: each decoded weight row holds 4 vectors of 8 lanes, so 2 rows.
+const F32ACTS_TILE_SINGLE: (usize, usize) = (2, 1);
+const F32ACTS_TILE: (usize, usize) = (2, 4);
 /// Below this many multiply-adds a product runs on the calling thread.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// Most output rows per task: small tasks even out uneven cores.
@@ -70,12 +76,28 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// out (batch, rows) = x (batch, cols) @ W^T with W (rows, cols). Uses the current rayon pool.
-pub fn matmul(w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, out: &mut [f32]) {
-    matmul_using(simd(), w, rows, cols, x, batch, out)
+/// How products with block-format weights take the activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BlockActs {
+    /// Quantized to int8 per group of 32, integer dot products (fast; llama.cpp does the same).
+    #[default]
+    Int8,
+    /// Kept in f32 against the dequantized weights (follows the dequantized model closely).
+    F32,
 }
 
-fn matmul_using(kernels: Simd, w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, out: &mut [f32]) {
+/// out (batch, rows) = x (batch, cols) @ W^T with W (rows, cols). Uses the current rayon pool.
+pub fn matmul(w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, out: &mut [f32]) {
+    matmul_using(simd(), BlockActs::Int8, w, rows, cols, x, batch, out)
+}
+
+/// `matmul` with the activations of block-format products taken as `acts` says.
+pub fn matmul_with(acts: BlockActs, w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, out: &mut [f32]) {
+    matmul_using(simd(), acts, w, rows, cols, x, batch, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_using(kernels: Simd, acts: BlockActs, w: WeightView<'_>, rows: usize, cols: usize, x: &[f32], batch: usize, out: &mut [f32]) {
     assert_eq!(x.len(), batch * cols, "x must be (batch, cols)");
     assert_eq!(out.len(), batch * rows, "out must be (batch, rows)");
     assert_eq!(w.len(), rows * cols, "W must be (rows, cols)");
@@ -83,6 +105,16 @@ fn matmul_using(kernels: Simd, w: WeightView<'_>, rows: usize, cols: usize, x: &
         return;
     }
     let ptr = OutPtr(out.as_mut_ptr());
+    if let (WeightView::Blocks(format, bytes), BlockActs::F32) = (w, acts) {
+        let tile: TileFn<f32> = match kernels {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => f32acts::avx2::tile,
+            Simd::Portable => f32acts::tile,
+        };
+        let shape = if batch == 1 { F32ACTS_TILE_SINGLE } else { F32ACTS_TILE };
+        let run = |start, end| unsafe { row_range(|r, b, nr, nb, o| tile(format, bytes, r, cols, x.as_ptr().add(b * cols), nr, nb, o, rows), rows, batch, start, end, shape, ptr) };
+        return split_rows(rows, cols * batch, run);
+    }
     if let WeightView::Blocks(format, bytes) = w {
         let acts = int8::quantize_acts(x, cols);
         let (tile, (tile_rows, tile_batch)): (TileFn<int8::ActGroup>, _) = match kernels {
@@ -258,7 +290,7 @@ mod tests {
             let w = WeightView::Blocks(format, &bytes);
             for &family in &families {
                 let mut batched = vec![0f32; batch * rows];
-                pool.install(|| matmul_using(family, w, rows, cols, &x, batch, &mut batched));
+                pool.install(|| matmul_using(family, BlockActs::Int8, w, rows, cols, &x, batch, &mut batched));
                 for b in 0..batch {
                     for r in 0..rows {
                         let want: f64 = (0..cols).map(|k| w.get(r * cols + k) as f64 * xq[b * cols + k]).sum();
@@ -266,7 +298,42 @@ mod tests {
                         assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{} ({}): row {r} batch {b}: {got} vs {want}", format.name(), family as u8);
                     }
                     let mut alone = vec![0f32; rows];
-                    matmul_using(family, w, rows, cols, &x[b * cols..(b + 1) * cols], 1, &mut alone);
+                    matmul_using(family, BlockActs::Int8, w, rows, cols, &x[b * cols..(b + 1) * cols], 1, &mut alone);
+                    assert!(alone.iter().zip(&batched[b * rows..(b + 1) * rows]).all(|(p, q)| p.to_bits() == q.to_bits()), "{}: row {b} alone differs", format.name());
+                }
+            }
+        }
+    }
+
+    /// f32 activations on every kernel family: each output equals the exact product of the
+    /// dequantized weights with x to f32 rounding (far tighter than the int8 path), and each
+    /// row is bit-identical alone or in the batch.
+    #[test]
+    fn f32_activation_kernels_compute_the_dequantized_product_and_are_batch_invariant() {
+        use crate::tensor::WeightFormat;
+        let (rows, cols, batch) = (23, 768, 6);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        let values = random(rows * cols, &mut rng);
+        let x = random(batch * cols, &mut rng);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let mut families = vec![Simd::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            families.push(Simd::Avx2);
+        }
+        for format in [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q5_0, WeightFormat::Q4K, WeightFormat::Q6K] {
+            let bytes = crate::with_block_format!(format, F => crate::quant::quantize::<F>(&values));
+            let w = WeightView::Blocks(format, &bytes);
+            let reference = matmul_reference(w, rows, cols, &x, batch);
+            for &family in &families {
+                let mut batched = vec![0f32; batch * rows];
+                pool.install(|| matmul_using(family, BlockActs::F32, w, rows, cols, &x, batch, &mut batched));
+                for (i, (got, want)) in batched.iter().zip(&reference).enumerate() {
+                    assert!((got - want).abs() <= 2e-6 * (cols as f32).sqrt() * want.abs().max(1.0), "{} ({}): element {i}: {got} vs {want}", format.name(), family as u8);
+                }
+                for b in 0..batch {
+                    let mut alone = vec![0f32; rows];
+                    matmul_using(family, BlockActs::F32, w, rows, cols, &x[b * cols..(b + 1) * cols], 1, &mut alone);
                     assert!(alone.iter().zip(&batched[b * rows..(b + 1) * rows]).all(|(p, q)| p.to_bits() == q.to_bits()), "{}: row {b} alone differs", format.name());
                 }
             }
@@ -284,14 +351,14 @@ mod tests {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for w in [WeightView::F32(&w32), WeightView::F16(&w16), WeightView::Bf16(&wb16)] {
             let mut batched = vec![0f32; 7 * rows];
-            pool.install(|| matmul_using(Simd::Portable, w, rows, cols, &x, 7, &mut batched));
+            pool.install(|| matmul_using(Simd::Portable, BlockActs::Int8, w, rows, cols, &x, 7, &mut batched));
             let reference = matmul_reference(w, rows, cols, &x, 7);
             for (i, (a, b)) in batched.iter().zip(&reference).enumerate() {
                 assert!((a - b).abs() < 1e-4, "element {i}: {a} vs reference {b}");
             }
             for b in 0..7 {
                 let mut alone = vec![0f32; rows];
-                matmul_using(Simd::Portable, w, rows, cols, &x[b * cols..(b + 1) * cols], 1, &mut alone);
+                matmul_using(Simd::Portable, BlockActs::Int8, w, rows, cols, &x[b * cols..(b + 1) * cols], 1, &mut alone);
                 assert!(alone.iter().zip(&batched[b * rows..(b + 1) * rows]).all(|(p, q)| p.to_bits() == q.to_bits()), "row {b}");
             }
         }

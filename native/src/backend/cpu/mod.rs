@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use self::attention::attend_head;
 use self::kv_cache::SeqCache;
-use self::matmul::matmul;
+use self::matmul::{matmul_with, BlockActs};
 use self::ops::{gelu_tanh_mul, rmsnorm, rope_apply, silu_mul};
 use self::weights::Matrix;
 use super::{AttentionShape, Backend, CacheShape, StepInput, StepRow};
@@ -20,8 +20,11 @@ use crate::error::Result;
 use crate::backend::Activation;
 use crate::tensor::{HostTensor, WeightFormat};
 
+/// `acts`: how products with block-format weights take the activations.
 #[derive(Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    pub acts: BlockActs,
+}
 
 /// An activation buffer: up to `capacity` rows of `width` f32s.
 pub struct CpuAct {
@@ -54,7 +57,11 @@ impl Backend for CpuBackend {
     type Step = CpuStep;
 
     fn describe(&self) -> String {
-        format!("cpu ({})", matmul::simd_name())
+        let acts = match self.acts {
+            BlockActs::Int8 => "",
+            BlockActs::F32 => ", f32 activations",
+        };
+        format!("cpu ({}{acts})", matmul::simd_name())
     }
 
     fn upload_matrix(&self, t: &HostTensor<'_>, rows: usize, cols: usize, format: WeightFormat) -> Result<Matrix> {
@@ -110,7 +117,7 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, n: usize, w: &Matrix, bias: Option<&Vec<f32>>, x: &CpuAct, out: &mut CpuAct) {
         let out = out.rows_mut(n);
-        matmul(w.view(), w.rows, w.cols, x.rows(n), n, out);
+        matmul_with(self.acts, w.view(), w.rows, w.cols, x.rows(n), n, out);
         if let Some(b) = bias {
             for row in out.chunks_exact_mut(b.len()) {
                 row.iter_mut().zip(b).for_each(|(o, &bi)| *o += bi);
