@@ -68,7 +68,8 @@ def test_info_reports_the_stored_block_formats(cpu_engine: Engine, gguf_path: Pa
     assert info["weights"] == "stored" and info["weight_fallbacks"] == []
     # block formats used in place: no larger than the file
     assert info["weight_bytes"] <= gguf_path.stat().st_size
-    assert info["eos_token_ids"] == [1] and info["bos_token_id"] == 2
+    # EOS from the metadata, then <end_of_turn> (106), which the file leaves unnamed
+    assert info["eos_token_ids"] == [1, 106] and info["bos_token_id"] == 2
 
 
 def assert_prefill_matches(eng: Engine) -> None:

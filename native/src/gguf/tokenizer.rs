@@ -31,7 +31,8 @@ pub struct GgufTokenizer {
     /// `encode(text, true)` adds BOS (and EOS) exactly when the file says so.
     pub tokenizer: Tokenizer,
     pub bos_token_id: Option<u32>,
-    /// `tokenizer.ggml.eos_token_id`, then `eot_token_id` and `eom_token_id` when present.
+    /// `tokenizer.ggml.eos_token_id`, then `eot_token_id` and `eom_token_id` when present,
+    /// then control tokens spelled as a well-known end of turn (`END_OF_TURN_TEXTS`).
     pub eos_token_ids: Vec<u32>,
     /// `tokenizer.chat_template`.
     pub chat_template: Option<String>,
@@ -84,6 +85,13 @@ pub fn from_metadata(meta: &Metadata) -> Result<GgufTokenizer> {
             }
         }
     }
+    // Files rarely name the end-of-turn token of their chat format in the metadata, so
+    // generation also stops at the well-known ones, as llama.cpp does.
+    for (id, (&tok, &ty)) in vocab.tokens.iter().zip(&vocab.types).enumerate() {
+        if (ty == TYPE_CONTROL || ty == TYPE_USER_DEFINED) && END_OF_TURN_TEXTS.contains(&tok) && !eos_token_ids.contains(&(id as u32)) {
+            eos_token_ids.push(id as u32);
+        }
+    }
     let special_tokens = [("bos_token", vocab.bos), ("eos_token", vocab.eos), ("unk_token", vocab.unk), ("pad_token", vocab.pad)]
         .into_iter()
         .filter_map(|(name, id)| id.map(|id| (name.to_string(), vocab.tokens[id as usize].to_string())))
@@ -96,6 +104,10 @@ pub fn from_metadata(meta: &Metadata) -> Result<GgufTokenizer> {
         special_tokens,
     })
 }
+
+/// End-of-turn tokens of well-known chat formats (Gemma, Llama 3, ChatML, Phi-3, GPT-2-style,
+/// Granite, DeepSeek), by their exact text.
+const END_OF_TURN_TEXTS: [&str; 9] = ["<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>", "<EOT>", "<｜end▁of▁sentence｜>"];
 
 /// An optional token id, checked against the vocabulary size.
 fn token_id(meta: &Metadata, key: &str, n: usize) -> Result<Option<u32>> {

@@ -293,3 +293,15 @@ fn malformed_metadata_names_the_key() {
         assert!(got.contains(want) && got.starts_with("spm.gguf: field"), "error {got:?} does not contain {want:?}");
     }
 }
+
+#[test]
+fn well_known_end_of_turn_tokens_end_generation() {
+    let mut meta = spm_meta("gemma3");
+    let v = &mut meta.values;
+    v.remove("tokenizer.ggml.eot_token_id");
+    let MetaValue::Array(tokens) = v.get_mut("tokenizer.ggml.tokens").unwrap() else { unreachable!() };
+    tokens[3] = MetaValue::Str("<end_of_turn>".into()); // control (type 3)
+    tokens[266] = MetaValue::Str("<|im_end|>".into()); // a normal token: its text alone is not enough
+    let tok = from_metadata(&meta).unwrap();
+    assert_eq!(tok.eos_token_ids, vec![2, 3]);
+}
