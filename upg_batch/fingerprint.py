@@ -79,6 +79,8 @@ def _weight_signature(path: Path) -> dict[str, Any]:
 
 
 def model_fingerprint(model_dir: Path) -> dict[str, Any]:
+    if model_dir.is_file():  # a GGUF file: config, tokenizer and weights in one
+        return {model_dir.name: _weight_signature(model_dir)}
     files: dict[str, Any] = {}
     for name in _MODEL_JSON:
         p = model_dir / name
