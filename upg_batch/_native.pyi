@@ -5,7 +5,7 @@ plain values. tests/test_engine_stubs.py checks these stubs against the built mo
 from os import PathLike
 from typing import Any, Sequence, final
 
-__all__ = ["EngineError", "NativeEngine", "dequantize", "gguf_chat_template", "measure_gpu_read_bandwidth", "measure_read_bandwidth", "quantize"]
+__all__ = ["EngineError", "NativeEngine", "dequantize", "gguf_chat_template", "gguf_tokenizer_json", "measure_gpu_read_bandwidth", "measure_read_bandwidth", "quantize"]
 
 # (max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)
 _NativeParams = tuple[int, float, int, float, float, int | None, Sequence[str], Sequence[int], bool]
@@ -54,3 +54,7 @@ def measure_gpu_read_bandwidth(bytes: int = ..., repeats: int = 10) -> tuple[flo
 def gguf_chat_template(path: str) -> tuple[str | None, list[tuple[str, str]]]:
     """A GGUF file's chat template (None if it has none) and special-token texts, from its
     metadata only."""
+
+def gguf_tokenizer_json(path: str) -> str:
+    """A GGUF file's tokenizer, built from its metadata as the engine builds it, as the
+    tokenizer.json of a Hugging Face folder."""

@@ -221,6 +221,18 @@ fn gguf_chat_template(py: Python<'_>, path: PathBuf) -> PyResult<(Option<String>
     .map_err(to_py)
 }
 
+/// A GGUF file's tokenizer (built from its metadata as the engine builds it) as the
+/// tokenizer.json of a Hugging Face folder.
+#[pyfunction]
+fn gguf_tokenizer_json(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+    py.allow_threads(|| -> error::Result<_> {
+        let file = gguf::reader::GgufFile::open(&path)?;
+        let built = gguf::tokenizer::from_metadata(&file.metadata)?;
+        built.tokenizer.to_string(false).map_err(|e| error::EngineError::InvalidArgument(format!("{}: cannot write the tokenizer as JSON: {e}", path.display())))
+    })
+    .map_err(to_py)
+}
+
 /// The blocks (GGUF/ggml layout) of `values`, little-endian f32 bytes whose count is a whole
 /// number of the format's blocks.
 #[pyfunction]
@@ -274,6 +286,7 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(measure_read_bandwidth, m)?)?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(gguf_chat_template, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf_tokenizer_json, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(measure_gpu_read_bandwidth, m)?)?;
     Ok(())
