@@ -175,11 +175,12 @@ class _Safetensors:
             self.tensors[name] = _Tensor(name, path, dtype, shape, view[start + a : start + b])
 
     def close(self) -> None:
-        for t in self.tensors.values():
-            t.buf.release()
         self.tensors.clear()
         for m in self._maps:
-            m.close()
+            try:
+                m.close()
+            except BufferError:  # a view still held (an error's traceback): unmapped when collected
+                pass
 
 
 def _json(path: Path) -> dict[str, Any]:
