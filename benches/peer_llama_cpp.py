@@ -299,8 +299,9 @@ int main(int argc, char **argv) {
 """
 
 
-def _build_logits_tool(bin_dir: Path) -> Path | None:
-    """Compile the C program above against libllama (headers from the llama.cpp source tree)."""
+def build_c_tool(bin_dir: Path, source: str, stem: str) -> Path | None:
+    """Compile a C program against libllama (headers from the llama.cpp source tree); cached
+    under the temp folder by the hash of the source and bin_dir. None when it cannot be built."""
     src_root = bin_dir.resolve().parent.parent
     incs = [src_root / "include", src_root / "ggml/include"]
     cc = shutil.which("cc") or shutil.which("gcc")
@@ -308,17 +309,21 @@ def _build_logits_tool(bin_dir: Path) -> Path | None:
         return None
     out_dir = Path(tempfile.gettempdir()) / "peer_llama_cpp_tool"
     out_dir.mkdir(exist_ok=True)
-    exe = out_dir / f"logits-{hashlib.sha1((str(bin_dir.resolve()) + _C_LOGITS).encode()).hexdigest()[:12]}"
+    exe = out_dir / f"{stem}-{hashlib.sha1((str(bin_dir.resolve()) + source).encode()).hexdigest()[:12]}"
     if not exe.exists():
-        src = out_dir / "logits.c"
-        src.write_text(_C_LOGITS)
+        src = out_dir / f"{exe.name}.c"
+        src.write_text(source)
         cmd = ["nice", "-n", "10", cc, "-O1", "-o", str(exe), str(src)] + [f"-I{d}" for d in incs] + [
             f"-L{bin_dir}", "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{bin_dir.resolve()}"]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
-            print(f"could not build the logits tool:\n{p.stderr[-2000:]}", file=sys.stderr)
+            print(f"could not build {stem}:\n{p.stderr[-2000:]}", file=sys.stderr)
             return None
     return exe
+
+
+def _build_logits_tool(bin_dir: Path) -> Path | None:
+    return build_c_tool(bin_dir, _C_LOGITS, "logits")
 
 
 def check_conversion(model_dir: Path, f16: Path, bin_dir: Path, n_prompt: int = 12, n_gen: int = 4, threads: int = 2, log: list | None = None, gap_min: float = 0.01, rel_tol: float = 0.01) -> dict:
