@@ -252,7 +252,8 @@ fn dequantize<'py>(py: Python<'py>, blocks: &[u8], format: &str) -> PyResult<Bou
 fn quantize_tensor<'py>(py: Python<'py>, data: &[u8], dtype: &str, cols: usize, format: &str) -> PyResult<Bound<'py, PyBytes>> {
     let value_err = |m: String| pyo3::exceptions::PyValueError::new_err(m);
     let source = tensor::DType::parse(dtype).filter(|d| d.is_plain()).ok_or_else(|| value_err(format!("dtype {dtype:?} is not one of f32, f16, bf16")))?;
-    let target = tensor::WeightFormat::parse(format).ok_or_else(|| value_err(format!("format {format:?} is unknown (f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k)")))?;
+    let target =
+        tensor::WeightFormat::parse(format).ok_or_else(|| value_err(format!("format {format:?} is unknown (f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k)")))?;
     let size = source.block().1;
     if cols == 0 || data.len() % (size * cols) != 0 {
         return Err(value_err(format!("{} bytes are not whole rows of {cols} {dtype} values", data.len())));
