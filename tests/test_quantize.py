@@ -224,6 +224,24 @@ def test_the_gguf_tokenizer_is_the_folders(tmp_path: Path) -> None:
     assert ("eos_token", "<|eos|>") in special
 
 
+def test_a_sharded_checkpoint_writes_the_same_file(gguf_dir: Path, tmp_path: Path) -> None:
+    model = shutil.copytree(FIXTURES / "models" / "llama3-tiny", tmp_path / "sharded")
+    tensors = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in shards.items():
+        save_file({n: tensors[n] for n in part}, model / file)
+    index = {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    sharded = tmp_path / "sharded.gguf"
+    quantize(model, sharded, "q8_0")
+    whole = written(gguf_dir, "llama3-tiny", "q8_0")
+    a, b = GGUFReader(sharded), GGUFReader(whole)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert all(np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a.tensors, b.tensors))
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "upg_batch", "quantize", *args], capture_output=True, text=True, timeout=300, env=env)
