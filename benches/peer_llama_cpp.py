@@ -1,7 +1,7 @@
 """The peer side of the CPU benchmark: llama.cpp on the same random-weight model.
 
-Converts a Hugging Face LLaMA folder made by bench_engine.make_model to an F16 GGUF (our own
-converter, on the `gguf` package), quantizes it with llama.cpp's llama-quantize, then runs
+Converts a Hugging Face LLaMA folder made by bench_engine.make_model to an F16 GGUF (`upg-batch
+quantize`, upg_batch/quantize.py), quantizes it with llama.cpp's llama-quantize, then runs
 llama-bench (prefill at 256 tokens, batch-1 decode) and llama-batched-bench (aggregate decode
 at 1, 8, 32 parallel sequences) on every type. Optionally (--check) compares llama.cpp's logits
 on the F16 file with our engine's, through a tiny C program built against libllama.
@@ -110,119 +110,13 @@ def gguf_path(model_dir: Path, qtype: str) -> Path:
 # ----------------------------------------------------------------------------- conversion
 
 
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF rotary layout (halves) -> GGUF/llama.cpp layout (interleaved pairs), per head.
-
-    Same as LlamaModel.permute in llama.cpp's converter: rows of each head are split into two
-    halves [x0..x_{d/2-1} | y0..y_{d/2-1}] and reordered x0 y0 x1 y1 ...
-    """
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _tokenizer(writer, vocab_size: int, bos: int, eos: int) -> None:
-    import gguf
-
-    if vocab_size < 3 + 256:
-        raise ValueError(f"vocab_size {vocab_size} leaves no room for the 256 byte tokens")
-    pieces: list[str | None] = [None] * vocab_size
-    types = [gguf.TokenType.NORMAL] * vocab_size
-    pieces[bos], types[bos] = "<s>", gguf.TokenType.CONTROL
-    pieces[eos], types[eos] = "</s>", gguf.TokenType.CONTROL
-    unk = next(i for i in range(vocab_size) if pieces[i] is None)
-    pieces[unk], types[unk] = "<unk>", gguf.TokenType.UNKNOWN
-    free = (i for i in range(vocab_size) if pieces[i] is None)
-    for b in range(256):
-        i = next(free)
-        pieces[i], types[i] = f"<0x{b:02X}>", gguf.TokenType.BYTE
-    for n, i in enumerate(free):
-        pieces[i] = f"\u2581f{n}"  # dummy word pieces; the bench feeds token ids, never text
-    scores = [0.0 if t != gguf.TokenType.NORMAL else -float(i) for i, t in enumerate(types)]
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(pieces)
-    writer.add_token_scores(scores)
-    writer.add_token_types([int(t) for t in types])
-    writer.add_bos_token_id(bos)
-    writer.add_eos_token_id(eos)
-    writer.add_unk_token_id(unk)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-
-
 def convert_to_gguf_f16(model_dir: Path, out: Path | None = None) -> Path:
-    """Write model_dir (LlamaForCausalLM safetensors + config.json) as an F16 GGUF; cached."""
-    import gguf
-    from safetensors import safe_open
+    """Write model_dir (a Hugging Face folder) as an F16 GGUF with `upg-batch quantize`; cached."""
+    from upg_batch.quantize import quantize as write_gguf
 
-    model_dir = Path(model_dir)
-    out = Path(out) if out else gguf_path(model_dir, "F16")
-    if out.exists():
-        return out
-    cfg = json.loads((model_dir / "config.json").read_text())
-    h, n_layer = cfg["hidden_size"], cfg["num_hidden_layers"]
-    n_head = cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads", n_head)
-    head_dim = cfg.get("head_dim") or h // n_head
-    vocab = cfg["vocab_size"]
-
-    tmp = out.with_suffix(".partial")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name(model_dir.name)
-    w.add_context_length(cfg.get("max_position_embeddings", 2048))
-    w.add_embedding_length(h)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
-    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
-    w.add_vocab_size(vocab)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    _tokenizer(w, vocab, cfg.get("bos_token_id", 1), cfg.get("eos_token_id", 2))
-
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    per_layer = {
-        "input_layernorm.weight": "attn_norm.weight",
-        "post_attention_layernorm.weight": "ffn_norm.weight",
-        "self_attn.q_proj.weight": "attn_q.weight",
-        "self_attn.k_proj.weight": "attn_k.weight",
-        "self_attn.v_proj.weight": "attn_v.weight",
-        "self_attn.o_proj.weight": "attn_output.weight",
-        "mlp.gate_proj.weight": "ffn_gate.weight",
-        "mlp.up_proj.weight": "ffn_up.weight",
-        "mlp.down_proj.weight": "ffn_down.weight",
-    }
-    files = sorted(model_dir.glob("*.safetensors"))
-    for f in files:
-        with safe_open(str(f), framework="np") as st:
-            for key in st.keys():
-                if key in names:
-                    name = names[key]
-                elif key.startswith("model.layers."):
-                    i, rest = key[len("model.layers."):].split(".", 1)
-                    if rest.endswith("rotary_emb.inv_freq"):
-                        continue
-                    name = f"blk.{int(i)}.{per_layer[rest]}"
-                else:
-                    raise KeyError(f"unexpected tensor {key}")
-                t = st.get_tensor(key)
-                if key.endswith("q_proj.weight"):
-                    t = permute_qk(t, n_head)
-                elif key.endswith("k_proj.weight"):
-                    t = permute_qk(t, n_kv)
-                t = t.astype(np.float32 if t.ndim == 1 else np.float16)  # norms stay F32
-                w.add_tensor(name, np.ascontiguousarray(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.rename(out)
+    out = Path(out) if out else gguf_path(Path(model_dir), "F16")
+    if not out.exists():
+        write_gguf(model_dir, out, "f16")
     return out
 
 
@@ -405,8 +299,9 @@ int main(int argc, char **argv) {
 """
 
 
-def _build_logits_tool(bin_dir: Path) -> Path | None:
-    """Compile the C program above against libllama (headers from the llama.cpp source tree)."""
+def build_c_tool(bin_dir: Path, source: str, stem: str) -> Path | None:
+    """Compile a C program against libllama (headers from the llama.cpp source tree); cached
+    under the temp folder by the hash of the source and bin_dir. None when it cannot be built."""
     src_root = bin_dir.resolve().parent.parent
     incs = [src_root / "include", src_root / "ggml/include"]
     cc = shutil.which("cc") or shutil.which("gcc")
@@ -414,17 +309,21 @@ def _build_logits_tool(bin_dir: Path) -> Path | None:
         return None
     out_dir = Path(tempfile.gettempdir()) / "peer_llama_cpp_tool"
     out_dir.mkdir(exist_ok=True)
-    exe = out_dir / f"logits-{hashlib.sha1((str(bin_dir.resolve()) + _C_LOGITS).encode()).hexdigest()[:12]}"
+    exe = out_dir / f"{stem}-{hashlib.sha1((str(bin_dir.resolve()) + source).encode()).hexdigest()[:12]}"
     if not exe.exists():
-        src = out_dir / "logits.c"
-        src.write_text(_C_LOGITS)
+        src = out_dir / f"{exe.name}.c"
+        src.write_text(source)
         cmd = ["nice", "-n", "10", cc, "-O1", "-o", str(exe), str(src)] + [f"-I{d}" for d in incs] + [
             f"-L{bin_dir}", "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{bin_dir.resolve()}"]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
-            print(f"could not build the logits tool:\n{p.stderr[-2000:]}", file=sys.stderr)
+            print(f"could not build {stem}:\n{p.stderr[-2000:]}", file=sys.stderr)
             return None
     return exe
+
+
+def _build_logits_tool(bin_dir: Path) -> Path | None:
+    return build_c_tool(bin_dir, _C_LOGITS, "logits")
 
 
 def check_conversion(model_dir: Path, f16: Path, bin_dir: Path, n_prompt: int = 12, n_gen: int = 4, threads: int = 2, log: list | None = None, gap_min: float = 0.01, rel_tol: float = 0.01) -> dict:

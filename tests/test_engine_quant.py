@@ -12,22 +12,11 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 
-from quant_models import FIXTURES, kl_and_top1, make_random_llama
+from quant_models import BOUNDS, FIXTURES, kl_and_top1, make_random_llama
 from upg_batch import Engine, EngineError, _native
 
 PROMPT = "Once upon a time there was a little robot who lived in a small town by the sea and every day"
 GGML_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0, "q5_0": GGMLQuantizationType.Q5_0, "q4_k": GGMLQuantizationType.Q4_K, "q6_k": GGMLQuantizationType.Q6_K}
-# Bounds on the random model (hidden 256, 2 layers, logits of std ~1.2), CPU and GPU: KL mean,
-# KL max, top-1 agreement. Measured: q8_0 0.001/0.002/0.92, q6_k 0.006/0.016/0.77,
-# q5_0 0.036/0.072/0.58, q4_k 0.093/0.203/0.40, q4_k_m 0.087/0.195/0.31, q4_0 0.116/0.256/0.35.
-BOUNDS = {
-    "q8_0": (0.003, 0.008, 0.85),
-    "q6_k": (0.015, 0.04, 0.65),
-    "q5_0": (0.07, 0.15, 0.45),
-    "q4_k": (0.18, 0.4, 0.25),
-    "q4_k_m": (0.17, 0.4, 0.2),
-    "q4_0": (0.22, 0.5, 0.25),
-}
 # Bytes held per weight against f32's 4 (norms stay f32, so a little above).
 BYTES_PER_WEIGHT = {"q8_0": 34 / 32, "q6_k": 210 / 256, "q5_0": 22 / 32, "q4_k": 144 / 256, "q4_0": 18 / 32}
 

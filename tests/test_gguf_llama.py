@@ -1,7 +1,8 @@
 """A Llama checkpoint converted to GGUF as llama.cpp's converter does (q/k rows interleaved
-for its rotary layout, names and metadata of the `llama` architecture; the writer in
-benches/peer_llama_cpp.py, on the `gguf` package) computes exactly what the safetensors
-original computes: the engine must undo the interleaving and map every tensor and key."""
+for its rotary layout, names and metadata of the `llama` architecture), through the llama.cpp
+benchmark's converter (benches/peer_llama_cpp.py, which writes with `upg-batch quantize`),
+computes exactly what the safetensors original computes: the engine must undo the
+interleaving and map every tensor and key. tests/test_quantize.py covers the writer itself."""
 
 from __future__ import annotations
 

@@ -5,7 +5,19 @@ plain values. tests/test_engine_stubs.py checks these stubs against the built mo
 from os import PathLike
 from typing import Any, Sequence, final
 
-__all__ = ["EngineError", "NativeEngine", "dequantize", "gguf_chat_template", "gguf_tokenizer_json", "measure_gpu_read_bandwidth", "measure_read_bandwidth", "quantize"]
+__all__ = [
+    "EngineError",
+    "NativeEngine",
+    "dequantize",
+    "gguf_chat_template",
+    "gguf_pre_tokenizer",
+    "gguf_tokenizer_json",
+    "measure_gpu_read_bandwidth",
+    "measure_read_bandwidth",
+    "quantize",
+    "quantize_tensor",
+    "weight_format",
+]
 
 # (max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)
 _NativeParams = tuple[int, float, int, float, float, int | None, Sequence[str], Sequence[int], bool]
@@ -42,6 +54,21 @@ def quantize(values: bytes, format: str) -> bytes:
 
 def dequantize(blocks: bytes, format: str) -> bytes:
     """The weights of whole blocks of `format`, as little-endian f32 bytes."""
+
+def quantize_tensor(data: bytes, dtype: str, cols: int, format: str) -> bytes:
+    """`data` (little-endian `dtype` values: f32, f16 or bf16; whole rows of `cols`) in
+    `format` (f32, f16, bf16 or a block format whose blocks divide a row), converted exactly as
+    the engine converts a checkpoint matrix it loads in that format. ValueError otherwise."""
+
+def weight_format(name: str, scheme: str, layers: int, tied: bool, stored: str, cols: int) -> tuple[str, bool]:
+    """The format the engine holds checkpoint matrix `name` (Hugging Face names) in under the
+    `weights=` scheme (f32, ..., q4_k_m, stored) for a model of `layers` layers (`tied`: the
+    embedding is the output matrix), stored as `stored` with rows of `cols`; and whether that
+    is the f16 fallback for rows that are not whole blocks."""
+
+def gguf_pre_tokenizer(pre: str) -> str | None:
+    """The pre-tokenizer (tokenizer.json's JSON) the engine builds for a GGUF file whose
+    `tokenizer.ggml.pre` is `pre`; None for a name it does not know."""
 
 def measure_read_bandwidth(bytes: int = ..., threads: int = 1, repeats: int = 5) -> float:
     """Memory read bandwidth of this machine in bytes/s: the best of `repeats` parallel reads

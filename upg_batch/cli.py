@@ -1,8 +1,9 @@
-"""`upg-batch`: run or validate a job file.
+"""`upg-batch`: run or validate a job file, summarize an output folder, or write a model
+folder as one GGUF file (`quantize`).
 
 Exit status: 0 when the job finished (error rows are results, not failures, up to
 max_error_fraction); 2 for a job that cannot start (config, dataset, output folder, model,
-metrics port); 1 when a started job could not finish, or stopped over its error budget (and
+metrics port; for `quantize`, a model folder or argument it cannot use); 1 when a started job could not finish, or stopped over its error budget (and
 for `validate`, when the rows it would reject are over it); 130 on Ctrl-C, 143 on SIGTERM.
 Every failure prints one line naming what is wrong.
 """
@@ -91,6 +92,24 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--samples", type=int, default=3, metavar="N", help="sample completions to print (default 3)")
     show.add_argument("--json", action="store_true", help="print it as JSON on stdout")
     show.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from upg_batch.quantize import DEFAULT_FORMAT, FORMATS
+
+    quant = sub.add_parser(
+        "quantize",
+        help="write a model folder as one GGUF file",
+        description="Write MODEL_DIR (a Hugging Face LlamaForCausalLM or Qwen2ForCausalLM folder: config.json, "
+        "safetensors, tokenizer.json) as OUT.gguf with its matrices in FORMAT, a file this engine and llama.cpp "
+        "both load: quantize once, copy one file to every node. Matrices whose rows are not whole blocks of "
+        "their format are written f16 (listed).",
+    )
+    quant.add_argument("model_dir", metavar="MODEL_DIR", help="the Hugging Face model folder")
+    quant.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write (replaced if it exists)")
+    quant.add_argument(
+        "--format", default=DEFAULT_FORMAT, choices=FORMATS, metavar="FMT",
+        help=f"weight format: {', '.join(FORMATS)} (default {DEFAULT_FORMAT}: llama.cpp's mix of q4_k and q6_k)",
+    )
+    quant.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    quant.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 
@@ -122,6 +141,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C: actors are killed, the output folder's lock released
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        if args.command == "quantize":
+            from upg_batch.quantize import QuantizeError, quantize
+
+            if not args.verbose:  # the gguf package's writer reports every step at INFO
+                logging.getLogger("gguf").setLevel(logging.WARNING)
+            try:
+                summary = quantize(args.model_dir, args.out, args.format)
+            except QuantizeError as e:
+                return _fail(EXIT_BAD_JOB, str(e))
+            print(json.dumps(summary.as_dict(), indent=1) if args.json else summary.format_text())
+            return EXIT_OK
         if args.command == "show":
             from upg_batch.show import format_show, show
 

@@ -259,6 +259,52 @@ fn dequantize<'py>(py: Python<'py>, blocks: &[u8], format: &str) -> PyResult<Bou
     Ok(pyo3::types::PyBytes::new(py, bytemuck::cast_slice(&v)))
 }
 
+/// `data` (little-endian `dtype` values: f32, f16 or bf16) in `format` (f32, f16, bf16 or a
+/// block format whose blocks divide the rows of `cols`), converted exactly as the engine
+/// converts a checkpoint matrix it loads in that format.
+#[pyfunction]
+fn quantize_tensor<'py>(py: Python<'py>, data: &[u8], dtype: &str, cols: usize, format: &str) -> PyResult<Bound<'py, PyBytes>> {
+    let value_err = |m: String| pyo3::exceptions::PyValueError::new_err(m);
+    let source = tensor::DType::parse(dtype).filter(|d| d.is_plain()).ok_or_else(|| value_err(format!("dtype {dtype:?} is not one of f32, f16, bf16")))?;
+    let target =
+        tensor::WeightFormat::parse(format).ok_or_else(|| value_err(format!("format {format:?} is unknown (f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k)")))?;
+    let size = source.block().1;
+    if cols == 0 || data.len() % (size * cols) != 0 {
+        return Err(value_err(format!("{} bytes are not whole rows of {cols} {dtype} values", data.len())));
+    }
+    if !target.fits_row(cols) {
+        return Err(value_err(format!("rows of {cols} values are not whole {format} blocks of {}", target.block().0)));
+    }
+    let rows = data.len() / (size * cols);
+    let shape = [rows, cols];
+    let map: tensor::SharedBytes = std::sync::Arc::new(data.to_vec());
+    let out = py.allow_threads(|| {
+        let t = tensor::HostTensor { name: "", dtype: source, shape: &shape, map: &map, start: 0, end: data.len() };
+        t.to_format_bytes(target)
+    });
+    Ok(PyBytes::new(py, &out))
+}
+
+/// The format the engine holds checkpoint matrix `name` (Hugging Face names) in under the
+/// `weights=` scheme `scheme`, for a model of `layers` layers (`tied`: the embedding is the
+/// output matrix) whose file stores it as `stored` with rows of `cols` values; and whether
+/// that is the f16 fallback for rows that are not whole blocks.
+#[pyfunction]
+fn weight_format(name: &str, scheme: &str, layers: usize, tied: bool, stored: &str, cols: usize) -> PyResult<(&'static str, bool)> {
+    let value_err = |m: String| pyo3::exceptions::PyValueError::new_err(m);
+    let s = model::scheme::WeightScheme::parse(scheme).ok_or_else(|| value_err(format!("weights {scheme:?} is unknown")))?;
+    let stored = tensor::DType::parse(stored).ok_or_else(|| value_err(format!("stored format {stored:?} is unknown")))?;
+    let (f, fell_back) = s.held_format(name, layers, tied, stored, cols);
+    Ok((f.name(), fell_back))
+}
+
+/// The pre-tokenizer (tokenizer.json's JSON) the engine builds for a GGUF file whose
+/// `tokenizer.ggml.pre` is `pre`; None for a name it does not know.
+#[pyfunction]
+fn gguf_pre_tokenizer(pre: &str) -> Option<String> {
+    gguf::tokenizer_bpe::pre_tokenizer(pre).map(|v| v.to_string())
+}
+
 /// Streaming read bandwidth of the GPU in bytes/s through a plain WGSL kernel, and the
 /// adapter's name (the adapter the `gpu` backend would use).
 #[pyfunction]
@@ -288,6 +334,9 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gguf_chat_template, m)?)?;
     m.add_function(wrap_pyfunction!(gguf_tokenizer_json, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(weight_format, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf_pre_tokenizer, m)?)?;
     m.add_function(wrap_pyfunction!(measure_gpu_read_bandwidth, m)?)?;
     Ok(())
 }

@@ -12,7 +12,7 @@
 pub mod fuzz;
 pub mod reader;
 pub mod tokenizer;
-mod tokenizer_bpe;
+pub(crate) mod tokenizer_bpe;
 mod tokenizer_spm;
 #[cfg(test)]
 mod tokenizer_tests;

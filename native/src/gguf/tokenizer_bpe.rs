@@ -24,7 +24,7 @@ const GPT4O_SPLIT: &str = concat!(
 );
 
 /// The `tokenizer.ggml.pre` names supported, for the error message.
-pub(crate) const SUPPORTED_PRE: &str = "default, gpt2, smollm, llama3, llama-v3, llama-bpe, falcon3, falcon-h1, pixtral, midm-2.0, \
+pub(crate) const SUPPORTED_PRE: &str = "default, gpt2, gpt-2, smollm, llama3, llama-v3, llama-bpe, falcon3, falcon-h1, pixtral, midm-2.0, \
 lfm2, jina-v5-nano, dbrx, smaug-bpe, tekken, qwen2, deepseek-r1-qwen, kormo, f2llmv2, megrez, qwen35, gpt-4o, llama4, kanana2, \
 talkie, minimax-m2";
 
@@ -48,8 +48,8 @@ pub(crate) fn pre_tokenizer(pre: &str) -> Option<Value> {
         return Some(json!({"type": "Sequence", "pretokenizers": [split, byte_level(false)]}));
     }
     match pre {
-        // GPT-2's own regex, inside ByteLevel.
-        "default" | "gpt2" => Some(byte_level(true)),
+        // GPT-2's own regex, inside ByteLevel ("gpt-2" is llama.cpp's name for it).
+        "default" | "gpt2" | "gpt-2" => Some(byte_level(true)),
         // SmolLM splits digits one by one before GPT-2's regex (its tokenizer.json and llama.cpp
         // agree; transformers' GGUF loader does not know the name and would drop the digit split).
         "smollm" => Some(json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]})),

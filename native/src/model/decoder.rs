@@ -10,7 +10,6 @@ use super::rope::Rope;
 use super::scheme::WeightScheme;
 use crate::backend::{AttentionShape, Backend, CacheShape, StepInput, StepRow};
 use crate::error::Result;
-use crate::tensor::WeightFormat;
 
 /// What loading the matrices of a checkpoint did: the scheme asked for, the matrices held in a
 /// 16-bit format instead (rows that are not whole blocks of their format), and the bytes the
@@ -28,13 +27,10 @@ impl WeightLoad {
         let shape = [rows, cols];
         let t = ckpt.tensor(name, &shape)?;
         self.stored_bytes += t.end - t.start;
-        let format = self.scheme.format_for(name, self.layers, self.tied, t.dtype);
-        let held = if format.fits_row(cols) {
-            format
-        } else {
+        let (held, fell_back) = self.scheme.held_format(name, self.layers, self.tied, t.dtype, cols);
+        if fell_back {
             self.fallbacks.push(name.to_string());
-            WeightFormat::F16
-        };
+        }
         b.upload_matrix(&t, rows, cols, held)
     }
 }

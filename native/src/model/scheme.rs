@@ -48,6 +48,18 @@ impl WeightScheme {
             WeightFormat::Q4K
         }
     }
+
+    /// The format the matrix `name` of `cols`-long rows is held in: `format_for`'s, or f16
+    /// when its rows are not whole blocks of that format (as llama.cpp falls back); the bool
+    /// says whether it fell back. The engine's loader and `upg-batch quantize` both ask here.
+    pub fn held_format(self, name: &str, layers: usize, tied: bool, stored: WeightFormat, cols: usize) -> (WeightFormat, bool) {
+        let format = self.format_for(name, layers, tied, stored);
+        if format.fits_row(cols) {
+            (format, false)
+        } else {
+            (WeightFormat::F16, true)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -68,5 +80,7 @@ mod tests {
         assert_eq!(s.format_for("model.embed_tokens.weight", 22, true, WeightFormat::F16), WeightFormat::Q6K);
         assert_eq!(WeightScheme::parse("q8_0"), Some(WeightScheme::Uniform(WeightFormat::Q8_0)));
         assert_eq!(WeightScheme::parse("q4_k_m").map(|s| s.name()), Some("q4_k_m"));
+        assert_eq!(s.held_format("lm_head.weight", 22, false, WeightFormat::F32, 64), (WeightFormat::F16, true));
+        assert_eq!(s.held_format("lm_head.weight", 22, false, WeightFormat::F32, 512), (WeightFormat::Q6K, false));
     }
 }
