@@ -87,6 +87,7 @@ def test_default_weights_and_activations_are_named_in_the_fingerprint(tmp_path: 
     # activations change the arithmetic; left out when unset, as before the key existed
     assert "activations" not in fields(str(MODEL))
     assert fields(str(MODEL), activations="f32") != fields(str(MODEL), activations="int8") != fields(str(MODEL))
+    assert fields(str(MODEL), kv_cache="f16") != fields(str(MODEL), kv_cache="f32") == fields(str(MODEL))
 
 
 def _inputs(tmp_path: Path, model: Path, **sections):

@@ -55,6 +55,9 @@ class ModelSection(_Section):
         description="How block-format weights meet the activations: int8 (the CPU default: integer dot products, fast) or f32 "
         "(follows the dequantized model to f32 rounding; slower on the CPU; the GPU's only way). null: the backend's own.",
     )
+    kv_cache: Literal["f32", "f16"] | None = Field(
+        None, description="The KV cache's element type: f32 (null) or f16 (half the cache memory; CPU backend only)."
+    )
     fused: bool = Field(
         True,
         description="Fused GPU kernels (norm into matmul, SwiGLU, residual add, RoPE with the KV write): fewer dispatches "

@@ -108,6 +108,8 @@ class Engine:
         "int8" (the CPU default: activations quantized per group of 32, integer dot products,
         as llama.cpp does; fast) or "f32" (the dequantized weights times f32 activations,
         which follows the reference to f32 rounding; slower on the CPU, the GPU's only way).
+    kv_cache: the KV cache's element type: None or "f32", or "f16" (half the memory, so twice
+        the sequences or context in the same RAM; keys and values rounded to f16; CPU only).
     threads: compute threads (None: all cores). max_batch: sequences in flight at once.
     context: longest sequence (prompt + completion) in tokens (None: the model's maximum).
     fused: fused kernels where the backend has them (the GPU: fewer dispatches per step);
@@ -124,6 +126,7 @@ class Engine:
         context: int | None = None,
         fused: bool = True,
         activations: str | None = None,
+        kv_cache: str | None = None,
     ) -> None:
         for name, value, low in (("threads", threads, 1), ("max_batch", max_batch, 1), ("context", context, 2)):
             if value is not None and not int_in(value, low, 2**31):
@@ -136,7 +139,11 @@ class Engine:
             raise EngineError('weights "" is unknown (leave it None for the default, or name a format)')
         if activations not in (None, "int8", "f32"):
             raise EngineError(f"Engine argument `activations` must be 'int8', 'f32' or None, got {activations!r}")
-        self._native = _native.NativeEngine(os.fspath(model_dir), backend, weights or "", threads, max_batch, context, fused, activations or "")
+        if kv_cache not in (None, "f32", "f16"):
+            raise EngineError(f"Engine argument `kv_cache` must be 'f32', 'f16' or None, got {kv_cache!r}")
+        self._native = _native.NativeEngine(
+            os.fspath(model_dir), backend, weights or "", threads, max_batch, context, fused, activations or "", kv_cache or ""
+        )
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as tokenizer.json encodes it (its post-processor included)."""

@@ -36,6 +36,8 @@ def config_fields(cfg: JobConfig) -> dict[str, Any]:
     model: dict[str, Any] = {"backend": cfg.model.backend, "weights": weights, "context": cfg.model.context}
     if cfg.model.activations is not None:
         model["activations"] = cfg.model.activations
+    if cfg.model.kv_cache == "f16":  # f32 is the cache jobs had before the key existed
+        model["kv_cache"] = cfg.model.kv_cache
     if cfg.model.backend != "cpu":
         # The GPU's fused kernels sum in another order than its one-op kernels. The CPU does
         # not fuse (the same bits either way), so a CPU job's fingerprint leaves it out, as

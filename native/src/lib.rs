@@ -46,7 +46,7 @@ struct NativeEngine {
 #[pymethods]
 impl NativeEngine {
     #[new]
-    #[pyo3(signature = (model_dir, backend, weights, threads, max_batch, context, fused = true, activations = String::new()))]
+    #[pyo3(signature = (model_dir, backend, weights, threads, max_batch, context, fused = true, activations = String::new(), kv_cache = String::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -58,8 +58,9 @@ impl NativeEngine {
         context: Option<usize>,
         fused: bool,
         activations: String,
+        kv_cache: String,
     ) -> PyResult<Self> {
-        let opts = EngineOptions { backend, weights, threads, max_batch, context, fused, activations };
+        let opts = EngineOptions { backend, weights, threads, max_batch, context, fused, activations, kv_cache };
         let inner = py.allow_threads(|| Engine::load(&model_dir, opts)).map_err(to_py)?;
         Ok(NativeEngine { inner })
     }
@@ -124,6 +125,7 @@ impl NativeEngine {
         d.set_item("weights", e.model.scheme().name())?;
         d.set_item("fused", e.model.fused())?;
         d.set_item("activations", e.model.activations())?;
+        d.set_item("kv_cache", e.model.kv_cache())?;
         d.set_item("weight_bytes", e.model.weight_bytes())?;
         d.set_item("checkpoint_matrix_bytes", e.model.checkpoint_matrix_bytes())?;
         d.set_item("weight_fallbacks", e.model.weight_fallbacks())?;

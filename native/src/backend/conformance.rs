@@ -386,7 +386,7 @@ fn cpu_backend_conforms() {
 
 #[test]
 fn cpu_backend_with_f32_activations_conforms() {
-    let b = super::cpu::CpuBackend { acts: super::cpu::matmul::BlockActs::F32 };
+    let b = super::cpu::CpuBackend { acts: super::cpu::matmul::BlockActs::F32, kv_f16: false };
     rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap().install(|| conformance(&b));
 }
 

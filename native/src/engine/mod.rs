@@ -33,6 +33,8 @@ pub struct EngineOptions {
     pub fused: bool,
     /// Activations of block-format products: "" (the backend's own), "int8" or "f32".
     pub activations: String,
+    /// The KV cache's element type: "" (f32), "f32" or "f16".
+    pub kv_cache: String,
 }
 
 pub enum Prompt {
@@ -86,7 +88,7 @@ impl Engine {
             .build()
             .map_err(|e| EngineError::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
         let ModelSource { checkpoint, tokenizer, eos_token_ids, chat, scheme, .. } = source;
-        let model = Model::load(&opts.backend, &opts.activations, &checkpoint, cfg, scheme, opts.fused)?;
+        let model = Model::load(&opts.backend, &opts.activations, &opts.kv_cache, &checkpoint, cfg, scheme, opts.fused)?;
         Ok(Engine { model, tokenizer, eos_token_ids, chat, max_batch: opts.max_batch, context, threads, stats: Stats::default(), pool, run_lock: Mutex::new(()) })
     }
 

@@ -34,17 +34,27 @@ macro_rules! with_decoder {
 
 impl Model {
     /// `activations`: "" (the backend's own: int8 on the CPU, f32 on the GPU), "int8" (CPU
-    /// only) or "f32", for products with block-format weights.
-    pub fn load(backend: &str, activations: &str, ckpt: &Checkpoint, cfg: ModelConfig, scheme: WeightScheme, fused: bool) -> Result<Self> {
+    /// only) or "f32", for products with block-format weights. `kv_cache`: "" or "f32", or
+    /// "f16" (CPU only for now).
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(backend: &str, activations: &str, kv_cache: &str, ckpt: &Checkpoint, cfg: ModelConfig, scheme: WeightScheme, fused: bool) -> Result<Self> {
         let (cpu_acts, gpu_ok) = match activations {
             "" | "int8" => (BlockActs::Int8, activations.is_empty()),
             "f32" => (BlockActs::F32, true),
             other => return Err(EngineError::InvalidArgument(format!("activations must be 'int8' or 'f32' (or None for the backend's own), not {other:?}"))),
         };
-        let cpu = || CpuBackend { acts: cpu_acts };
+        let kv_f16 = match kv_cache {
+            "" | "f32" => false,
+            "f16" => true,
+            other => return Err(EngineError::InvalidArgument(format!("kv_cache must be 'f32' or 'f16' (or None for f32), not {other:?}"))),
+        };
+        let cpu = || CpuBackend { acts: cpu_acts, kv_f16 };
         let kind = BackendKind::parse(backend)?;
         if !gpu_ok && kind == BackendKind::Gpu {
             return Err(EngineError::InvalidArgument("activations='int8' is for the cpu backend; the gpu backend keeps activations in f32".into()));
+        }
+        if kv_f16 && kind != BackendKind::Cpu {
+            return Err(EngineError::InvalidArgument(format!("kv_cache='f16' is for the cpu backend for now; backend {backend:?} keeps the cache in f32")));
         }
         match kind {
             BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(cpu(), ckpt, cfg, scheme, fused)?)),
@@ -124,6 +134,14 @@ impl Model {
             Model::Cpu(_) => "cpu",
             #[cfg(feature = "gpu")]
             Model::Gpu(_) => "gpu",
+        }
+    }
+
+    /// The element type of the KV cache.
+    pub fn kv_cache(&self) -> &'static str {
+        match self {
+            Model::Cpu(m) if m.backend.kv_f16 => "f16",
+            _ => "f32",
         }
     }
 

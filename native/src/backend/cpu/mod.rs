@@ -10,7 +10,7 @@ pub mod weights;
 
 use rayon::prelude::*;
 
-use self::attention::attend_head;
+use self::attention::{attend_head, Scratch};
 use self::kv_cache::SeqCache;
 use self::matmul::{matmul_with, BlockActs};
 use self::ops::{gelu_tanh_mul, rmsnorm, rope_apply, silu_mul};
@@ -20,10 +20,12 @@ use crate::error::Result;
 use crate::backend::Activation;
 use crate::tensor::{HostTensor, WeightFormat};
 
-/// `acts`: how products with block-format weights take the activations.
+/// `acts`: how products with block-format weights take the activations; `kv_f16`: the KV
+/// cache holds f16 (half the memory) instead of f32.
 #[derive(Default)]
 pub struct CpuBackend {
     pub acts: BlockActs,
+    pub kv_f16: bool,
 }
 
 /// An activation buffer: up to `capacity` rows of `width` f32s.
@@ -61,7 +63,8 @@ impl Backend for CpuBackend {
             BlockActs::Int8 => "",
             BlockActs::F32 => ", f32 activations",
         };
-        format!("cpu ({}{acts})", matmul::simd_name())
+        let kv = if self.kv_f16 { ", f16 kv cache" } else { "" };
+        format!("cpu ({}{acts}{kv})", matmul::simd_name())
     }
 
     fn upload_matrix(&self, t: &HostTensor<'_>, rows: usize, cols: usize, format: WeightFormat) -> Result<Matrix> {
@@ -84,7 +87,7 @@ impl Backend for CpuBackend {
     }
 
     fn new_cache(&self, shape: CacheShape) -> Result<Vec<SeqCache>> {
-        Ok((0..shape.slots).map(|_| SeqCache::new(shape.layers, shape.kv_dim)).collect())
+        Ok((0..shape.slots).map(|_| SeqCache::new(shape.layers, shape.kv_dim, self.kv_f16)).collect())
     }
 
     fn cache_reserve(&self, cache: &mut Vec<SeqCache>, slot: usize, positions: usize) {
@@ -143,8 +146,8 @@ impl Backend for CpuBackend {
             let seq = &mut cache[r.slot];
             seq.grow_to(r.pos + 1);
             let (keys, values) = &mut seq.layers[layer];
-            keys[r.pos * kvd..(r.pos + 1) * kvd].copy_from_slice(&k.data[i * kvd..(i + 1) * kvd]);
-            values[r.pos * kvd..(r.pos + 1) * kvd].copy_from_slice(&v.data[i * kvd..(i + 1) * kvd]);
+            keys.write(r.pos * kvd, &k.data[i * kvd..(i + 1) * kvd]);
+            values.write(r.pos * kvd, &v.data[i * kvd..(i + 1) * kvd]);
         }
     }
 
@@ -154,13 +157,13 @@ impl Backend for CpuBackend {
         let group = heads / kv_heads;
         let rows = &step.rows;
         let n = rows.len();
-        out.rows_mut(n).par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
+        out.rows_mut(n).par_chunks_mut(hd).enumerate().for_each_init(|| Scratch::new(hd), |scratch, (idx, o)| {
             let (i, head) = (idx / heads, idx % heads);
             let r = rows[i];
             let (keys, values) = &cache[r.slot].layers[layer];
             let first = window.map_or(0, |w| (r.pos + 1).saturating_sub(w));
             let qh = &q.data[i * qd + head * hd..i * qd + (head + 1) * hd];
-            attend_head(qh, keys, values, kvd, (head / group) * hd, first, r.pos, scale, scores, o);
+            attend_head(qh, keys, values, kvd, (head / group) * hd, first, r.pos, scale, scratch, o);
         });
     }
 

@@ -1,0 +1,58 @@
+"""kv_cache="f16": keys and values held in f16 (half the cache memory) on the CPU, against the
+reference fixtures, the f32 cache, and batch invariance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_engine_golden import FIXTURES, MODELS, cases, exact_steps, reference_logits, rel_err
+
+from upg_batch import Engine, EngineError, SamplingParams
+
+# Rounding each cached key and value to f16 (11 significant bits) perturbs the attention
+# output by ~2^-11 relative. Measured on these fixtures: max|engine - ref| / max|ref| at most
+# 9.4e-4 (the f32 cache: 1e-6). Bounds: 5e-3, and greedy tokens equal to the reference's up
+# to the first step whose reference margin is below 0.05 (as the f16 weights are held).
+F16_KV_REL = 5e-3
+F16_KV_NEAR_TIE = 0.05
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_f16_cache_follows_the_reference(name: str) -> None:
+    eng = Engine(FIXTURES / "models" / name, kv_cache="f16")
+    assert eng.info["kv_cache"] == "f16"
+    ref = reference_logits(name)
+    for i, case in enumerate(cases(name)):
+        err = rel_err(eng.logits(case["prompt_ids"]), ref[f"prefill_logits_{i}"])
+        assert err < F16_KV_REL, f"case {i}: {err:.3g}"
+    outs = eng.generate([c["prompt_ids"] for c in cases(name)], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    for i, (case, out) in enumerate(zip(cases(name), outs)):
+        n = exact_steps(case["step_margin"], F16_KV_NEAR_TIE)
+        assert out.token_ids[:n] == case["greedy_ids"][:n], f"case {i}"
+
+
+def test_f16_cache_rounds_and_is_batch_invariant() -> None:
+    model = FIXTURES / "models" / "llama-tiny"
+    f16, f32 = Engine(model, kv_cache="f16", max_batch=8), Engine(model, kv_cache="f32")
+    assert f32.info["kv_cache"] == "f32" and Engine(model).info["kv_cache"] == "f32"
+    prompts = [c["prompt_ids"] for c in cases("llama-tiny")]
+    a, b = f16.logits(prompts[0]), f32.logits(prompts[0])
+    assert 0 < np.abs(a - b).max() < 1e-2  # the cache really holds f16, and only rounds
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    batched = f16.generate(prompts, params)
+    for p, out in zip(prompts, batched):
+        (alone,) = f16.generate([p], params)
+        assert alone.token_ids == out.token_ids
+
+
+def test_kv_cache_option_is_checked() -> None:
+    model = FIXTURES / "models" / "llama-tiny"
+    for bad in ("bf16", "", "F16"):
+        with pytest.raises(EngineError, match="kv_cache"):
+            Engine(model, kv_cache=bad)
+    with pytest.raises(EngineError, match="kv_cache='f16' is for the cpu backend"):
+        Engine(model, backend="gpu", kv_cache="f16")
