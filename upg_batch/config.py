@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from upg_batch.jobyaml import load_yaml
 from upg_batch.limits import sampling_problem
+from upg_batch.hub import looks_like_hub_id, resolve_hub_id
 from upg_batch.model_package import is_package_path, resolve_package_path
 
 __all__ = ["ConfigError", "JobConfig", "load_config", "OUTPUT_COLUMNS", "OVERRIDE_COLUMNS"]
@@ -36,10 +37,9 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    path: Path = Field(
-        strict=False,
-        description="Hugging Face model folder (config.json, *.safetensors, tokenizer.json), a GGUF file, or package:NAME "
-        "(an installed Python package that ships a model file through assemble()).",
+    path: str | Path = Field(  # a str keeps "./" (a local path, never a hub id)
+        description="Hugging Face model folder (config.json, *.safetensors, tokenizer.json), a GGUF file, a hub id ORG/NAME[@REVISION] "
+        "found in the local Hugging Face cache, or package:NAME (an installed Python package that ships a model file through assemble()).",
     )
     backend: Literal["cpu", "gpu", "auto"] = Field(
         "cpu", description="Engine backend: cpu, gpu (wgpu: Metal or Vulkan), or auto (a hardware GPU when there is one, else the CPU)."
@@ -181,11 +181,14 @@ class JobConfig(_Section):
             return Path(os.path.normpath(p if p.is_absolute() else (base / p)))
 
         model_path = self.model.path
-        if is_package_path(model_path):
-            try:
+        local = abs_path(model_path)
+        try:
+            if is_package_path(model_path):
                 model_path = resolve_package_path(model_path)
-            except ValueError as e:
-                raise ConfigError(f"model.path {e}") from None
+            elif looks_like_hub_id(model_path) and not local.exists():
+                model_path = resolve_hub_id(str(model_path), local)
+        except ValueError as e:
+            raise ConfigError(f"model.path {e}") from None
         model = self.model.model_copy(update={"path": abs_path(model_path)})
         inp = self.input.model_copy(update={"path": str(abs_path(self.input.path))})
         out = self.output.model_copy(update={"path": abs_path(self.output.path)})

@@ -14,6 +14,7 @@ import numpy as np
 
 from upg_batch import _native
 from upg_batch._native import EngineError
+from upg_batch.hub import HubError, looks_like_hub_id, resolve_hub_id
 from upg_batch.limits import SAMPLING_LIMITS, int_in
 
 __all__ = ["Completion", "Engine", "EngineError", "SamplingParams"]
@@ -95,7 +96,8 @@ class Engine:
     backend: "cpu", "gpu" (wgpu: Metal on macOS, Vulkan on Linux) or "auto" (a hardware GPU
     when there is one, else the CPU). The environment variable UPG_BATCH_GPU_ADAPTER (a
     case-insensitive part of an adapter's name, e.g. "llvmpipe") forces one GPU adapter.
-    model_dir: a Hugging Face model folder (config.json, safetensors, tokenizer.json) or a GGUF
+    model_dir: a Hugging Face model folder (config.json, safetensors, tokenizer.json), a hub id
+        ORG/NAME[@REVISION] found in the local Hugging Face cache (no network), or a GGUF
         file (metadata, tensors and tokenizer in one; architectures llama, qwen2, gemma3).
     weights: how weights are held in memory: None (the default: "f32" for folders, "stored"
         for GGUF files), "stored" (each matrix as the file stores it, block formats used in
@@ -141,6 +143,11 @@ class Engine:
             raise EngineError(f"Engine argument `activations` must be 'int8', 'f32' or None, got {activations!r}")
         if kv_cache not in (None, "f32", "f16"):
             raise EngineError(f"Engine argument `kv_cache` must be 'f32', 'f16' or None, got {kv_cache!r}")
+        if not os.path.exists(model_dir) and looks_like_hub_id(model_dir):
+            try:
+                model_dir = resolve_hub_id(os.fspath(model_dir))
+            except HubError as e:
+                raise EngineError(str(e)) from None
         self._native = _native.NativeEngine(
             os.fspath(model_dir), backend, weights or "", threads, max_batch, context, fused, activations or "", kv_cache or ""
         )

@@ -21,6 +21,14 @@ __all__ = ["apply_overrides", "PATH_KEYS"]
 PATH_KEYS = ("model.path", "input.path", "output.path")
 
 
+def _model_reference(key: str, value: str) -> bool:
+    """model.path values that are not paths: package:NAME, or a hub id with no such local path."""
+    from upg_batch.hub import looks_like_hub_id
+    from upg_batch.model_package import is_package_path
+
+    return key == "model.path" and (is_package_path(value) or (looks_like_hub_id(value) and not os.path.exists(value)))
+
+
 def _parse(item: str) -> tuple[list[str], Any]:
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
@@ -30,7 +38,8 @@ def _parse(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
-    if ".".join(parts) in PATH_KEYS and isinstance(value, str):
+    key = ".".join(parts)
+    if key in PATH_KEYS and isinstance(value, str) and not _model_reference(key, value):
         value = os.path.abspath(os.path.expanduser(value))
     return parts, value
 

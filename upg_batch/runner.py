@@ -69,6 +69,8 @@ def check_model_dir(cfg: JobConfig) -> None:
     p = Path(cfg.model.path)
     if is_gguf_file(p):
         return
+    if not p.exists():
+        raise ModelError(f"model.path {p}: no such file or folder (expected a Hugging Face model folder, a GGUF file, or a hub id ORG/NAME in the local cache)")
     if not (p / "config.json").is_file():
         raise ModelError(f"model.path {p}: no config.json there (expected a Hugging Face model folder or a GGUF file)")
 
