@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from upg_batch import Engine, EngineError, SamplingParams
+from upg_batch import Completion, Engine, EngineError, SamplingParams
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MODELS = FIXTURES / "models"
@@ -463,35 +463,56 @@ def eng() -> Engine:
     return Engine(MODELS / "llama-tiny", context=16)
 
 
+def failed(out: Completion, *needles: str) -> None:
+    """`out` is a prompt that could not run: no tokens, finish_reason "error", every needle in
+    its error."""
+    assert (out.finish_reason, out.token_ids, out.text) == ("error", [], ""), out
+    for needle in needles:
+        assert needle in (out.error or ""), f"{needle!r} not in {out.error!r}"
+
+
 def test_prompt_longer_than_context(eng: Engine) -> None:
-    expect_engine_error(lambda: eng.generate([list(range(2, 18))], SamplingParams(max_tokens=2)), "16", "context")
-    expect_engine_error(lambda: eng.generate([[5, 6], list(range(2, 30))], SamplingParams(max_tokens=2)), "prompt 1", "context")
+    (out,) = eng.generate([list(range(2, 18))], SamplingParams(max_tokens=2))
+    failed(out, "prompt 0", "16 tokens", "context of 16")
+    ok, bad = eng.generate([[5, 6], list(range(2, 30))], SamplingParams(max_tokens=2, temperature=0.0))
+    assert ok.error is None and len(ok.token_ids) >= 1 and bad.prompt_tokens == 28
+    failed(bad, "prompt 1", "context")
     expect_engine_error(lambda: eng.logits(list(range(2, 19))), "17", "context")
     # A prompt one short of the context generates one token.
     (out,) = eng.generate([list(range(2, 17))], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    assert (len(out.token_ids), out.finish_reason) == (1, "length")
+    assert (len(out.token_ids), out.finish_reason, out.error) == (1, "length", None)
     assert eng.logits(list(range(2, 18))).shape == (16, 512)
 
 
 @pytest.mark.parametrize("bad", [512, 513, 2**31, -1, -(2**40), 2**32, 2**70])
 def test_token_id_out_of_vocabulary(eng: Engine, bad: int) -> None:
-    expect_engine_error(lambda: eng.generate([[5, bad, 6]], SamplingParams(max_tokens=2)), str(bad))
+    (out,) = eng.generate([[5, bad, 6]], SamplingParams(max_tokens=2))
+    failed(out, str(bad), "position 1")
     expect_engine_error(lambda: eng.logits([5, 6, bad]), str(bad))
     expect_engine_error(lambda: eng.detokenize([bad]), str(bad))
 
 
 def test_empty_prompt(eng: Engine) -> None:
-    expect_engine_error(lambda: eng.generate([[]], SamplingParams(max_tokens=2)), "empty")
-    expect_engine_error(lambda: eng.generate(["hello", ""], SamplingParams(max_tokens=2)), "prompt 1", "empty")
+    (out,) = eng.generate([[]], SamplingParams(max_tokens=2))
+    failed(out, "empty")
+    hello, empty = eng.generate(["hello", ""], SamplingParams(max_tokens=2))
+    assert hello.error is None and hello.finish_reason in ("stop", "length")
+    failed(empty, "prompt 1", "empty")
     expect_engine_error(lambda: eng.logits([]), "empty")
     assert eng.generate([], SamplingParams()) == []
     assert eng.tokenize("") == [] and eng.detokenize([]) == ""
 
 
-def test_a_bad_request_runs_nothing(eng: Engine) -> None:
+def test_one_bad_prompt_fails_alone_and_the_others_are_unchanged(eng: Engine) -> None:
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    good = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    alone = eng.generate(good, params)
     before = eng.stats()["generation_tokens_total"]
-    expect_engine_error(lambda: eng.generate([[5, 6], [7, 9999]], SamplingParams(max_tokens=2)), "9999")
-    assert eng.stats()["generation_tokens_total"] == before
+    mixed = eng.generate([good[0], [7, 9999], good[1], [], good[2]], params)
+    failed(mixed[1], "prompt 1", "9999")
+    failed(mixed[3], "prompt 3", "empty")
+    assert [m.token_ids for m in (mixed[0], mixed[2], mixed[4])] == [a.token_ids for a in alone]
+    assert eng.stats()["generation_tokens_total"] == before + 3 * 6
 
 
 def test_unknown_weights_format() -> None:

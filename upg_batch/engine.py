@@ -79,15 +79,18 @@ class Completion:
 
     `token_ids` are the generated tokens (an EOS or stop token that ended generation
     included); `text` is their decoding with special tokens and any stop string removed.
-    `ttft_s` and `latency_s` count from the moment `generate` was called.
+    `ttft_s` and `latency_s` count from the moment `generate` was called. A prompt that cannot
+    run (empty, too long for the context, a token id outside the vocabulary) generates
+    nothing: `finish_reason` is "error" and `error` says why; the other prompts still run.
     """
 
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "error"
     prompt_tokens: int
     ttft_s: float
     latency_s: float
+    error: str | None = None
 
 
 class Engine:
@@ -151,6 +154,8 @@ class Engine:
         self._native = _native.NativeEngine(
             os.fspath(model_dir), backend, weights or "", threads, max_batch, context, fused, activations or "", kv_cache or ""
         )
+        info = self._native.info()
+        self._limits = (int(info["vocab"]), int(info["context"]))  # what a prompt must fit
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as tokenizer.json encodes it (its post-processor included)."""
@@ -182,9 +187,34 @@ class Engine:
             per_prompt = list(params)
             if len(per_prompt) != len(prompts):
                 raise ValueError(f"got {len(prompts)} prompts but {len(per_prompt)} SamplingParams")
-        native_prompts = [p if isinstance(p, str) else _token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
-        results = self._native.generate(native_prompts, [p._to_native() for p in per_prompt])
-        return [Completion(list(ids), text, reason, n_prompt, ttft, latency) for ids, text, reason, n_prompt, ttft, latency in results]
+        out: list[Completion | None] = [None] * len(prompts)
+        ok: list[tuple[int, list[int]]] = []
+        for i, p in enumerate(prompts):
+            ids: list[int] | None = None
+            try:
+                ids = self._native.tokenize(p) if isinstance(p, str) else _token_ids(p, f"prompt {i}")
+                self._check_prompt(ids, i)
+                ok.append((i, ids))
+            except EngineError as e:
+                n = len(ids) if ids is not None else 0 if isinstance(p, str) else len(p)
+                out[i] = Completion([], "", "error", n, 0.0, 0.0, error=str(e))
+        if ok:
+            results = self._native.generate([ids for _, ids in ok], [per_prompt[i]._to_native() for i, _ in ok])
+            for (i, _), (ids, text, reason, n_prompt, ttft, latency) in zip(ok, results):
+                out[i] = Completion(list(ids), text, reason, n_prompt, ttft, latency)
+        return out  # type: ignore[return-value]  # every slot is filled
+
+    def _check_prompt(self, ids: list[int], i: int) -> None:
+        """EngineError saying why prompt i cannot run, if it cannot (the rules the native
+        engine applies to a whole call, applied to one prompt)."""
+        info = self._limits
+        bad = next((pos for pos, t in enumerate(ids) if t >= info[0]), None)
+        if bad is not None:
+            raise EngineError(f"prompt {i}: token id {ids[bad]} at position {bad} is outside the vocabulary of {info[0]}")
+        if not ids:
+            raise EngineError(f"prompt {i} is empty (no tokens)")
+        if len(ids) >= info[1]:
+            raise EngineError(f"prompt {i}: {len(ids)} tokens leave no room to generate within the context of {info[1]} tokens")
 
     @property
     def info(self) -> dict[str, Any]:

@@ -270,8 +270,8 @@ def run_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec, sa
     generate_s = time.perf_counter() - t0
     kind = list(prep.kind)
     for (i, _, _), out in zip(prep.todo, outs):
-        if isinstance(out, BaseException):
-            error[i] = f"{type(out).__name__}: {out}"
+        if isinstance(out, BaseException) or getattr(out, "error", None) is not None:
+            error[i] = f"{type(out).__name__}: {out}" if isinstance(out, BaseException) else f"EngineError: {out.error}"
             kind[i] = "generate"
             continue
         completion[i] = out.text
