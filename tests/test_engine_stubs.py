@@ -224,11 +224,12 @@ def test_annotated_types_hold_for_real_calls() -> None:
     assert (rows, vocab) == (len(ids), 512) and len(raw) == 4 * rows * vocab
     call_checked(stub.logits, eng.logits, tuple(ids))
     params = [
-        (3, 0.0, 0, 1.0, 0.0, None, [], [], True),
-        (2, 1, 5, 0.9, 0.05, 7, ("x", "y"), (1, 2), False),  # ints for floats, tuples for lists
+        (3, 0.0, 0, 1.0, 0.0, None, [], [], True, None),
+        (2, 1, 5, 0.9, 0.05, 7, ("x", "y"), (1, 2), False, 3),  # ints for floats, tuples for lists
     ]
     outs = call_checked(stub.generate, eng.generate, ["hello", tuple(ids)], params)
     assert [o[2] for o in outs] and all(o[2] in ("stop", "length") for o in outs)
+    assert outs[0][6] is None and len(outs[1][6]) == len(outs[1][0]) and len(outs[1][6][0][1]) == 3
     info = call_checked(stub.info, eng.info)
     assert info["weights"] == "f16"
     stats = call_checked(stub.stats, eng.stats)

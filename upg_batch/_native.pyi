@@ -19,10 +19,11 @@ __all__ = [
     "weight_format",
 ]
 
-# (max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)
-_NativeParams = tuple[int, float, int, float, float, int | None, Sequence[str], Sequence[int], bool]
-# (token_ids, text, finish_reason, prompt_tokens, ttft_s, latency_s); finish_reason "stop" | "length"
-_NativeOutput = tuple[list[int], str, str, int, float, float]
+# (max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos, logprobs)
+_NativeParams = tuple[int, float, int, float, float, int | None, Sequence[str], Sequence[int], bool, int | None]
+# (token_ids, text, finish_reason, prompt_tokens, ttft_s, latency_s, logprobs); finish_reason
+# "stop" | "length"; logprobs None or per token (logprob, [(token id, logprob)] of the top k)
+_NativeOutput = tuple[list[int], str, str, int, float, float, list[tuple[float, list[tuple[int, float]]]] | None]
 
 class EngineError(Exception):
     """An error of the native engine: bad model files, bad input, an unavailable backend."""

@@ -7,7 +7,8 @@ documented API: `Engine`, `SamplingParams`, `Completion`, `EngineError`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import secrets
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,12 +18,19 @@ from upg_batch._native import EngineError
 from upg_batch.hub import HubError, looks_like_hub_id, resolve_hub_id
 from upg_batch.limits import SAMPLING_LIMITS, int_in
 
-__all__ = ["Completion", "Engine", "EngineError", "SamplingParams"]
+__all__ = ["Completion", "Engine", "EngineError", "SamplingParams", "TokenLogprobs", "sample_seed"]
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one prompt is continued. `temperature=0` is greedy decoding."""
+    """How one prompt is continued. `temperature=0` is greedy decoding.
+
+    `n`: samples per prompt (each seeded on its own: sample j of a prompt with seed s draws with
+    seed `sample_seed(s, j)`, sample 0 with s itself, so results are reproducible and sample 0
+    equals the n=1 result). `logprobs`: None, or k in [0, 20]: each generated token's
+    log-probability and the k most likely tokens' (log-softmax of the model's logits, before
+    temperature and filters), in `Completion.logprobs`.
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -33,6 +41,8 @@ class SamplingParams:
     stop: Sequence[str] = field(default_factory=tuple)
     stop_token_ids: Sequence[int] = field(default_factory=tuple)
     ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -60,6 +70,7 @@ class SamplingParams:
             list(self.stop),
             list(self.stop_token_ids),
             bool(self.ignore_eos),
+            self.logprobs,
         )
 
 
@@ -73,6 +84,26 @@ def _token_ids(ids: Sequence[int], what: str) -> list[int]:
     return out
 
 
+def sample_seed(seed: int, j: int) -> int:
+    """The seed of sample j of a prompt seeded `seed` (j = 0: the seed itself): splitmix64 of
+    the pair, so the samples' streams are unrelated."""
+    if j == 0:
+        return seed
+    z = (seed + 0x9E3779B97F4A7C15 * j) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability and the most likely tokens' at that step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
+
+
 @dataclass(frozen=True)
 class Completion:
     """One finished prompt.
@@ -82,6 +113,8 @@ class Completion:
     `ttft_s` and `latency_s` count from the moment `generate` was called. A prompt that cannot
     run (empty, too long for the context, a token id outside the vocabulary) generates
     nothing: `finish_reason` is "error" and `error` says why; the other prompts still run.
+    `logprobs`: one `TokenLogprobs` per generated token when the params asked for them.
+    `samples`: with `n` > 1, all n samples of the prompt (this one is samples[0]); else [].
     """
 
     token_ids: list[int]
@@ -91,6 +124,8 @@ class Completion:
     ttft_s: float
     latency_s: float
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    samples: list[Completion] = field(default_factory=list)
 
 
 class Engine:
@@ -198,10 +233,20 @@ class Engine:
             except EngineError as e:
                 n = len(ids) if ids is not None else 0 if isinstance(p, str) else len(p)
                 out[i] = Completion([], "", "error", n, 0.0, 0.0, error=str(e))
-        if ok:
-            results = self._native.generate([ids for _, ids in ok], [per_prompt[i]._to_native() for i, _ in ok])
-            for (i, _), (ids, text, reason, n_prompt, ttft, latency) in zip(ok, results):
-                out[i] = Completion(list(ids), text, reason, n_prompt, ttft, latency)
+        # n samples of a prompt are n requests, seeded apart, in one batch
+        requests: list[tuple[int, list[int], SamplingParams]] = []
+        for i, ids in ok:
+            p = per_prompt[i]
+            if p.n > 1 and p.seed is None:
+                p = replace(p, seed=secrets.randbits(64))  # one draw for the prompt, so its samples differ
+            requests += [(i, ids, p if j == 0 else replace(p, seed=sample_seed(p.seed, j))) for j in range(p.n)]
+        results = self._native.generate([ids for _, ids, _ in requests], [p._to_native() for _, _, p in requests]) if requests else []
+        samples: dict[int, list[Completion]] = {}
+        for (i, _, _), (ids, text, reason, n_prompt, ttft, latency, lps) in zip(requests, results):
+            logprobs = None if lps is None else [TokenLogprobs(t, lp, list(top)) for t, (lp, top) in zip(ids, lps)]
+            samples.setdefault(i, []).append(Completion(list(ids), text, reason, n_prompt, ttft, latency, logprobs=logprobs))
+        for i, group in samples.items():
+            out[i] = group[0] if len(group) == 1 else replace(group[0], samples=group)
         return out  # type: ignore[return-value]  # every slot is filled
 
     def _check_prompt(self, ids: list[int], i: int) -> None:

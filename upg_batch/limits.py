@@ -34,6 +34,8 @@ SAMPLING_LIMITS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "top_p": (lambda v: finite(v) and 0 < v <= 1, "a number in (0, 1]"),
     "min_p": (lambda v: finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "seed": (lambda v: v is None or int_in(v, 0, 2**64 - 1), "None or an integer in [0, 2**64)"),
+    "n": (lambda v: int_in(v, 1, 128), "an integer in [1, 128] (samples per prompt)"),
+    "logprobs": (lambda v: v is None or int_in(v, 0, 20), "None or an integer in [0, 20] (top log-probabilities per token)"),
 }
 
 

@@ -28,9 +28,10 @@ fn to_py(e: error::EngineError) -> PyErr {
 }
 
 /// (max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)
-type NativeParams = (usize, f64, usize, f64, f64, Option<u64>, Vec<String>, Vec<u32>, bool);
-/// (token_ids, text, finish_reason, prompt_tokens, ttft_s, latency_s)
-type NativeOutput = (Vec<u32>, String, &'static str, usize, f64, f64);
+type NativeParams = (usize, f64, usize, f64, f64, Option<u64>, Vec<String>, Vec<u32>, bool, Option<usize>);
+/// (token_ids, text, finish_reason, prompt_tokens, ttft_s, latency_s, logprobs: per token
+/// (its log-probability, [(token, log-probability)] of the top k) or None)
+type NativeOutput = (Vec<u32>, String, &'static str, usize, f64, f64, Option<Vec<(f32, Vec<(u32, f32)>)>>);
 
 #[derive(FromPyObject)]
 enum PyPrompt {
@@ -90,7 +91,7 @@ impl NativeEngine {
             .collect();
         let params = params
             .into_iter()
-            .map(|(max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos)| SamplingParams {
+            .map(|(max_tokens, temperature, top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos, logprobs)| SamplingParams {
                 max_tokens,
                 temperature,
                 top_k,
@@ -100,10 +101,11 @@ impl NativeEngine {
                 stop,
                 stop_token_ids,
                 ignore_eos,
+                logprobs,
             })
             .collect();
         let outputs = py.allow_threads(|| self.inner.generate(prompts, params)).map_err(to_py)?;
-        Ok(outputs.into_iter().map(|o| (o.token_ids, o.text, o.finish_reason.as_str(), o.prompt_tokens, o.ttft_s, o.latency_s)).collect())
+        Ok(outputs.into_iter().map(|o| (o.token_ids, o.text, o.finish_reason.as_str(), o.prompt_tokens, o.ttft_s, o.latency_s, o.logprobs)).collect())
     }
 
     fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

@@ -18,6 +18,36 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// Log-probabilities to report per generated token: None, or Some(k): the chosen
+    /// token's and the k most likely (k <= MAX_TOP_LOGPROBS).
+    pub logprobs: Option<usize>,
+}
+
+/// The most top log-probabilities a step reports (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// One generated token's log-probability and the `k` most likely tokens' (descending, ties by
+/// token id), under the model's distribution: log-softmax of the raw logits, before
+/// temperature and filters (as vLLM and OpenAI report them).
+pub type TokenLogprobs = (f32, Vec<(u32, f32)>);
+
+pub fn logprobs(logits: &[f32], chosen: u32, k: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max + logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+    let lp = |l: f32| (l as f64 - lse) as f32;
+    // the k best by one pass with a small sorted list (k <= 20)
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if top.len() == k && l <= top[k - 1].1 {
+                continue; // not better than the k-th (a tie keeps the lower id, already in)
+            }
+            let at = top.partition_point(|&(_, v)| v >= l);
+            top.insert(at, (i as u32, l));
+            top.truncate(k);
+        }
+    }
+    (lp(logits[chosen as usize]), top.into_iter().map(|(i, l)| (i, lp(l))).collect())
 }
 
 impl Default for SamplingParams {
@@ -32,6 +62,7 @@ impl Default for SamplingParams {
             stop: vec![],
             stop_token_ids: vec![],
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -55,6 +86,9 @@ impl SamplingParams {
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return bad("stop", "non-empty strings");
+        }
+        if matches!(self.logprobs, Some(k) if k > MAX_TOP_LOGPROBS) {
+            return bad("logprobs", "at most 20 (top log-probabilities per token)");
         }
         Ok(())
     }
@@ -174,6 +208,27 @@ fn draw(probs: &[(u32, f64)], u: f64) -> u32 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn logprobs_are_the_log_softmax_of_the_raw_logits_with_the_top_k_in_order() {
+        let logits = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let want = |i: usize| ((logits[i] as f64).exp() / z).ln() as f32;
+        let (lp, top) = logprobs(&logits, 4, 3);
+        assert!((lp - want(4)).abs() < 1e-6);
+        // descending; the tie between tokens 1 and 3 keeps the lower id first
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 0]);
+        for (i, l) in top {
+            assert!((l - want(i as usize)).abs() < 1e-6);
+        }
+        assert!(logprobs(&logits, 0, 0).1.is_empty());
+        let big: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
+        let (_, top) = logprobs(&big, 0, 20);
+        let mut sorted: Vec<(u32, f32)> = big.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), sorted[..20].iter().map(|t| t.0).collect::<Vec<_>>());
+    }
+
     use super::*;
 
     fn params(temperature: f64, top_k: usize, top_p: f64, min_p: f64) -> SamplingParams {

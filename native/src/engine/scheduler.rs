@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use super::sampler::{Sampler, SamplingParams};
+use super::sampler::{logprobs, Sampler, SamplingParams, TokenLogprobs};
 use super::stats::Stats;
 use super::Engine;
 use crate::backend::{Backend, StepRow};
@@ -38,6 +38,8 @@ pub struct Output {
     pub prompt_tokens: usize,
     pub ttft_s: f64,
     pub latency_s: f64,
+    /// Per generated token, when the params asked for log-probabilities.
+    pub logprobs: Option<Vec<TokenLogprobs>>,
 }
 
 struct Sequence {
@@ -51,6 +53,7 @@ struct Sequence {
     params: SamplingParams,
     sampler: Sampler,
     first_token: Option<Instant>,
+    logprobs: Vec<TokenLogprobs>,
 }
 
 impl Sequence {
@@ -80,7 +83,7 @@ pub fn run<B: Backend>(engine: &Engine, model: &Decoder<B>, prompts: Vec<Vec<u32
             let sampler = Sampler::new(params.seed);
             let prompt_len = prompt.len();
             model.backend.cache_reserve(&mut cache, slot, (prompt_len + params.max_tokens).min(engine.context));
-            running.push(Sequence { index, slot, tokens: prompt, prompt_len, processed: 0, params, sampler, first_token: None });
+            running.push(Sequence { index, slot, tokens: prompt, prompt_len, processed: 0, params, sampler, first_token: None, logprobs: Vec::new() });
         }
         Stats::set(&stats.running_sequences, running.len());
         Stats::set(&stats.waiting_sequences, waiting.len());
@@ -103,7 +106,11 @@ pub fn run<B: Backend>(engine: &Engine, model: &Decoder<B>, prompts: Vec<Vec<u32
         let mut finished = Vec::new();
         for (j, &s) in step.samplers.iter().enumerate() {
             let seq = &mut running[s];
-            let token = seq.sampler.sample(&logits[j * vocab..(j + 1) * vocab], &seq.params);
+            let row = &logits[j * vocab..(j + 1) * vocab];
+            let token = seq.sampler.sample(row, &seq.params);
+            if let Some(k) = seq.params.logprobs {
+                seq.logprobs.push(logprobs(row, token, k));
+            }
             seq.tokens.push(token);
             seq.first_token.get_or_insert_with(Instant::now);
             Stats::add(&stats.generation_tokens_total, 1);
@@ -114,8 +121,9 @@ pub fn run<B: Backend>(engine: &Engine, model: &Decoder<B>, prompts: Vec<Vec<u32
         // Retire finished sequences (highest index first so swap_remove keeps the others valid).
         finished.sort_by(|a, b| b.0.cmp(&a.0));
         for (s, (text, reason)) in finished {
-            let seq = running.swap_remove(s);
+            let mut seq = running.swap_remove(s);
             let now = Instant::now();
+            let logprobs = seq.params.logprobs.map(|_| std::mem::take(&mut seq.logprobs));
             outputs[seq.index] = Some(Output {
                 token_ids: seq.generated().to_vec(),
                 text,
@@ -123,6 +131,7 @@ pub fn run<B: Backend>(engine: &Engine, model: &Decoder<B>, prompts: Vec<Vec<u32
                 prompt_tokens: seq.prompt_len,
                 ttft_s: seq.first_token.map_or(0.0, |t| (t - start).as_secs_f64()),
                 latency_s: (now - start).as_secs_f64(),
+                logprobs,
             });
             model.backend.cache_reset(&mut cache, seq.slot);
             free_slots.push(seq.slot);
