@@ -102,8 +102,12 @@ class SamplingSection(_Section):
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability.")
     seed: int | None = Field(None, ge=0, description="Job seed; each row's seed derives from it and the row id.")
     stop: tuple[str, ...] = Field((), strict=False, description="Stop strings.")
+    n: int = Field(1, description="Samples per row; more than 1 adds the `samples` output column.")
+    logprobs: int | None = Field(
+        None, description="Per generated token, its log-probability and the top k (0-20); adds the `logprobs` output column."
+    )
 
-    @field_validator("max_tokens", "temperature", "top_p", "top_k", "min_p")
+    @field_validator("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "logprobs")
     @classmethod
     def _row_limits(cls, value: Any, info: ValidationInfo) -> Any:
         # the limits every row's values meet (SamplingParams), so no default fails every row
@@ -171,6 +175,9 @@ class JobConfig(_Section):
         inp = self.input
         if inp.prompt_column == inp.messages_column:
             raise ValueError("input.prompt_column and input.messages_column must differ")
+        for name in extra_output_columns(self):
+            if name in self.output.passthrough:
+                raise ValueError(f"output.passthrough column {name!r} clashes with the output column that sampling adds")
         return self
 
     def resolved(self, base: Path) -> "JobConfig":
@@ -193,6 +200,12 @@ class JobConfig(_Section):
         inp = self.input.model_copy(update={"path": str(abs_path(self.input.path))})
         out = self.output.model_copy(update={"path": abs_path(self.output.path)})
         return self.model_copy(update={"model": model, "input": inp, "output": out})
+
+
+def extra_output_columns(cfg: JobConfig) -> tuple[str, ...]:
+    """Output columns the sampling section adds after OUTPUT_COLUMNS: `logprobs` (sample 0's
+    per-token log-probabilities) and `samples` (all n samples when n > 1)."""
+    return (("logprobs",) if cfg.sampling.logprobs is not None else ()) + (("samples",) if cfg.sampling.n > 1 else ())
 
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:

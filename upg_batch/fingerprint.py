@@ -54,7 +54,8 @@ def config_fields(cfg: JobConfig) -> dict[str, Any]:
             **({"limit": cfg.input.limit} if cfg.input.limit is not None else {}),
         },
         "output": {"format": cfg.output.format, "passthrough": list(cfg.output.passthrough)},
-        "sampling": cfg.sampling.model_dump(mode="json"),
+        # n and logprobs only when set, so older jobs keep their fingerprints
+        "sampling": {k: v for k, v in cfg.sampling.model_dump(mode="json").items() if (k, v) not in (("n", 1), ("logprobs", None))},
     }
 
 

@@ -49,7 +49,18 @@ class ShardResult:
     error_examples: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def output_schema(id_type: pa.DataType, passthrough: Sequence[tuple[str, pa.DataType]]) -> pa.Schema:
+_TOP = pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())]))
+LOGPROBS_TYPE = pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32()), ("top", _TOP)]))
+
+
+def samples_type(logprobs: bool) -> pa.DataType:
+    fields = [("completion", pa.string()), ("finish_reason", pa.string()), ("completion_tokens", pa.int32())]
+    return pa.list_(pa.struct(fields + ([("logprobs", LOGPROBS_TYPE)] if logprobs else [])))
+
+
+def output_schema(id_type: pa.DataType, passthrough: Sequence[tuple[str, pa.DataType]], extra: Sequence[str] = ()) -> pa.Schema:
+    """OUTPUT_COLUMNS, then the sampling section's `extra` columns (config.extra_output_columns),
+    then the passthrough columns."""
     fields = [
         pa.field("id", id_type),
         pa.field("completion", pa.string()),
@@ -59,7 +70,25 @@ def output_schema(id_type: pa.DataType, passthrough: Sequence[tuple[str, pa.Data
         pa.field("error", pa.string()),
     ]
     assert [f.name for f in fields] == list(OUTPUT_COLUMNS)
+    if "logprobs" in extra:
+        fields.append(pa.field("logprobs", LOGPROBS_TYPE))
+    if "samples" in extra:
+        fields.append(pa.field("samples", samples_type("logprobs" in extra)))
     return pa.schema(fields + [pa.field(n, t) for n, t in passthrough])
+
+
+def _logprobs_value(out: Any) -> list[dict[str, Any]] | None:
+    if out.logprobs is None:
+        return None
+    return [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [{"token_id": t, "logprob": v} for t, v in lp.top]} for lp in out.logprobs]
+
+
+def _samples_value(out: Any, logprobs: bool) -> list[dict[str, Any]]:
+    samples = out.samples or [out]
+    return [
+        {"completion": s.text, "finish_reason": s.finish_reason, "completion_tokens": len(s.token_ids), **({"logprobs": _logprobs_value(s)} if logprobs else {})}
+        for s in samples
+    ]
 
 
 def derive_seed(job_seed: int, row_id: Any) -> int:
@@ -75,7 +104,9 @@ def _row_ids(shard: Shard, table: pa.Table, spec: WorkSpec) -> pa.Array:
 
 
 def _assemble(spec: WorkSpec, ids: pa.Array, table: pa.Table, cols: dict[str, list[Any]]) -> pa.RecordBatch:
-    arrays = [ids] + [pa.array(cols[n], spec.schema.field(n).type) for n in OUTPUT_COLUMNS[1:]]
+    n = len(ids)
+    own = [f.name for f in spec.schema][1 : len(spec.schema) - len(spec.columns.passthrough)]
+    arrays = [ids] + [pa.array(cols.get(name, [None] * n), spec.schema.field(name).type) for name in own]
     for name in spec.columns.passthrough:
         arrays.append(table.column(name).combine_chunks().cast(spec.schema.field(name).type))
     return pa.RecordBatch.from_arrays(arrays, schema=spec.schema)
@@ -137,6 +168,8 @@ def _params_for(row: dict[str, Any], row_id: Any, cfg: JobConfig, sampling_cls: 
         "min_p": s.min_p,
         "seed": derive_seed(s.seed, row_id) if s.seed is not None else None,
         "stop": tuple(s.stop),
+        "n": s.n,
+        "logprobs": s.logprobs,
     }
     for name, value in row.items():
         if value is None:
@@ -265,6 +298,10 @@ def run_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec, sa
     error = list(prep.error)
     ttfts: list[float] = []
     latencies: list[float] = []
+    extra = {f.name for f in spec.schema}
+    logprobs: list[Any] = [None] * n
+    samples: list[Any] = [None] * n
+    more_tokens = 0  # of samples 1..n-1, which the completion_tokens column does not count
     t0 = time.perf_counter()
     outs = _generate(engine, prep.todo)
     generate_s = time.perf_counter() - t0
@@ -278,10 +315,15 @@ def run_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec, sa
         reason[i] = out.finish_reason
         p_tok[i] = out.prompt_tokens
         c_tok[i] = len(out.token_ids)
+        more_tokens += sum(len(s.token_ids) for s in out.samples[1:])
+        if "logprobs" in extra:
+            logprobs[i] = _logprobs_value(out)
+        if "samples" in extra:
+            samples[i] = _samples_value(out, "logprobs" in extra)
         ttfts.append(out.ttft_s)
         latencies.append(out.latency_s)
 
-    cols = {"completion": completion, "finish_reason": reason, "prompt_tokens": p_tok, "completion_tokens": c_tok, "error": error}
+    cols = {"completion": completion, "finish_reason": reason, "prompt_tokens": p_tok, "completion_tokens": c_tok, "error": error, "logprobs": logprobs, "samples": samples}
     batch = _assemble(spec, prep.ids, prep.table, cols)
     n_err = sum(e is not None for e in error)
     kinds: dict[str, int] = {}
@@ -299,7 +341,7 @@ def run_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec, sa
         ok=n - n_err,
         errors=n_err,
         prompt_tokens=sum(p for p, e in zip(p_tok, error) if e is None),
-        completion_tokens=sum(c_tok),
+        completion_tokens=sum(c_tok) + more_tokens,
         ttfts=ttfts,
         latencies=latencies,
         generate_s=generate_s,

@@ -23,7 +23,7 @@ from upg_batch.actor import test_hooks_from_env
 from upg_batch.chat import ChatTemplateError, is_gguf_file, load_chat_template
 from upg_batch.cluster import Slot, connect, kill_actor, no_slots_message, node_alive, plan_slots, shared_gpu_warnings, start_actor
 from upg_batch.commit import CommitError, Committer
-from upg_batch.config import JobConfig
+from upg_batch.config import JobConfig, extra_output_columns
 from upg_batch.fingerprint import digest_inputs, fingerprint_inputs
 from upg_batch.plan import Plan, make_plan
 from upg_batch.progress import Progress, format_summary
@@ -108,7 +108,7 @@ class Runner:
                 return {**committer.summary, "already_complete": True}
             skipped = sum(committer.is_committed(s.index) for s in plan.shards)
             todo = [s for s in plan.shards if not committer.is_committed(s.index)]
-            spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types))))
+            spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types)), extra_output_columns(cfg)))
             stats = _RunStats()
             metrics = _job_metrics(cfg)
             try:

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from upg_batch import budget
-from upg_batch.config import JobConfig
+from upg_batch.config import JobConfig, extra_output_columns
 from upg_batch.plan import make_plan
 from upg_batch.rows import Prompting, WorkSpec, output_schema, prepare_rows
 from upg_batch.metrics import port_problem
@@ -41,7 +41,7 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
     except (EngineError, OSError, ValueError) as e:
         raise ModelError(f"model.path {m.path}: the model does not load ({e})") from None
     prompting = Prompting(engine, template)
-    spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types))))
+    spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types)), extra_output_columns(cfg)))
     kinds: collections.Counter[str] = collections.Counter()
     examples: list[dict[str, Any]] = []
     first: dict[str, dict[str, Any]] = {}  # the first row of each kind
