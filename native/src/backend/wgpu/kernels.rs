@@ -25,18 +25,29 @@ const WEIGHTS_Q4_K: &str = include_str!("../../../../shaders/weights_q4_k.wgsl")
 const WEIGHTS_Q6_K: &str = include_str!("../../../../shaders/weights_q6_k.wgsl");
 
 /// (output rows, batch rows) per matrix-product workgroup, by kernel variant.
-pub const MATMUL_TILES: [(u32, u32); 3] = [(1, 1), (4, 8), (8, 8)];
+pub const MATMUL_TILES: [(u32, u32); 5] = [(1, 1), (4, 1), (8, 1), (4, 8), (8, 8)];
 
-/// The matrix-product tile for a batch of `n` rows. One row alone: one output row per
-/// workgroup, for the most workgroups streaming weights. Batches: each x value held in
-/// registers serves R output rows and each weight value TB batch rows, which divides the
-/// reads of x (from cache) by R and of weights by TB.
+/// The matrix-product tile for a batch of `n` rows. One row alone: DECODE_ROWS output rows
+/// per workgroup. Batches: each x value held in registers serves R output rows and each
+/// weight value TB batch rows, which divides the reads of x (from cache) by R and of weights
+/// by TB. The tile never changes the order in which an output element is summed, so any
+/// choice keeps batch invariance.
 pub fn matmul_tile(n: usize) -> (u32, u32) {
     match n {
-        0 | 1 => MATMUL_TILES[0],
-        2..=8 => MATMUL_TILES[1],
-        _ => MATMUL_TILES[2],
+        0 | 1 => (decode_rows(), 1),
+        2..=8 => MATMUL_TILES[3],
+        _ => MATMUL_TILES[4],
     }
+}
+
+/// Output rows per workgroup at batch 1: 1, 4 or 8; `UPG_BATCH_GPU_DECODE_ROWS` overrides
+/// the default (for benchmarks comparing them).
+fn decode_rows() -> u32 {
+    static ROWS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| match std::env::var("UPG_BATCH_GPU_DECODE_ROWS").ok().and_then(|v| v.parse().ok()) {
+        Some(r @ (1 | 4 | 8)) => r,
+        _ => 1,
+    })
 }
 
 /// How a kernel sees one binding.
