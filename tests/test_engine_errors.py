@@ -133,11 +133,26 @@ def test_dimensions_too_large_for_any_model_name_the_field(tmp_path: Path, field
      "rope_scaling.high_freq_factor"),
     ({"rope_type": "llama3", "factor": "x", "low_freq_factor": 1, "high_freq_factor": 4, "original_max_position_embeddings": 64},
      "rope_scaling.factor"),
+    ({"rope_type": "linear", "factor": 1e30}, "rope_scaling.factor"),
+    ({"rope_type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 1e30, "original_max_position_embeddings": 64},
+     "rope_scaling.high_freq_factor"),
 ])
 def test_rope_scaling_values_are_checked_and_named(tmp_path: Path, scaling: dict, field: str) -> None:
     m = copy_model(tmp_path, "llama3-tiny")
     edit_json(m / "config.json", lambda c: c.update({"rope_scaling": scaling}))
     expect_engine_error(lambda: Engine(m), "config.json", field)
+
+
+def test_absurd_but_loadable_values_are_refused_naming_the_field(tmp_path: Path) -> None:
+    m = copy_model(tmp_path)
+    edit_json(m / "config.json", lambda c: c.update({"rms_norm_eps": 1e308}))
+    expect_engine_error(lambda: Engine(m), "config.json", "rms_norm_eps", "1e308")
+    m = copy_model(tmp_path / "layers")
+    edit_json(m / "config.json", lambda c: c.update({"num_hidden_layers": 1}))  # two are stored
+    expect_engine_error(lambda: Engine(m), "num_hidden_layers", "model.layers.1")
+    m = copy_model(tmp_path / "eos")
+    edit_json(m / "generation_config.json", lambda c: c.update({"eos_token_id": [2, 70000]}))
+    expect_engine_error(lambda: Engine(m), "eos_token_id", "70000", "vocabulary of 512")
 
 
 def test_bad_generation_config(tmp_path: Path) -> None:

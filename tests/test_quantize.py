@@ -102,8 +102,12 @@ def test_f16_gguf_gives_the_folders_f16_logits_and_the_golden_ones(gguf_dir: Pat
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "f16"])
 def test_every_format_gives_the_logits_of_the_folder_loaded_in_it(gguf_dir: Path, name: str, fmt: str) -> None:
-    g = Engine(written(gguf_dir, name, fmt))
-    f = folder(name, fmt)
+    # Llama 3's rope factors differ in the last f32 bit between the two (see ROPE_FACTORS_REL);
+    # int8 activations would round such a difference to a whole quantization step somewhere,
+    # so that model's block formats are compared with f32 activations.
+    acts = "f32" if name == "llama3-tiny" and fmt not in ("f32", "f16", "bf16") else None
+    g = Engine(written(gguf_dir, name, fmt), activations=acts)
+    f = Engine(FIXTURES / "models" / name, weights=fmt, activations=acts)
     ids = f.tokenize(PROMPT)
     assert_same_logits(name, np.asarray(g.logits(ids)), np.asarray(f.logits(ids)))
 

@@ -60,6 +60,7 @@ impl ModelSource {
         let checkpoint = Checkpoint::open(path)?;
         let tokenizer = load_tokenizer(&path.join("tokenizer.json"))?;
         let eos_token_ids = load_eos(path, &cfg)?;
+        check_plausible(path, &cfg, &checkpoint, &eos_token_ids, "num_hidden_layers", "eos_token_id")?;
         Ok(ModelSource { cfg, checkpoint, tokenizer, eos_token_ids, chat: None, scheme })
     }
 
@@ -73,8 +74,23 @@ impl ModelSource {
         }
         let checkpoint = gguf_model::checkpoint(&file, cfg.architecture, &cfg)?;
         let eos_token_ids = if tok.eos_token_ids.is_empty() { cfg.eos_token_ids.clone() } else { tok.eos_token_ids.clone() };
+        let a = file.metadata.str_opt("general.architecture")?.unwrap_or("llama").to_string();
+        check_plausible(path, &cfg, &checkpoint, &eos_token_ids, &format!("{a}.block_count"), "tokenizer.ggml.eos_token_id")?;
         Ok(ModelSource { cfg, checkpoint, tokenizer: tok.tokenizer, eos_token_ids, chat: Some((tok.chat_template, tok.special_tokens)), scheme })
     }
+}
+
+/// Values a file can hold but no model has: stored layers beyond the layer count (the config
+/// would silently run a truncated model) and EOS ids outside the vocabulary (generation could
+/// never stop on them). `layers_key` and `eos_key` name the fields as the file spells them.
+fn check_plausible(path: &Path, cfg: &ModelConfig, ckpt: &Checkpoint, eos: &[u32], layers_key: &str, eos_key: &str) -> Result<()> {
+    if let Some(last) = ckpt.last_layer().filter(|&l| l >= cfg.num_hidden_layers) {
+        return Err(EngineError::field(path, layers_key, format!("{} layers, but the weights hold layer {last} too (model.layers.{last}.*)", cfg.num_hidden_layers)));
+    }
+    if let Some(&bad) = eos.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        return Err(EngineError::field(path, eos_key, format!("{bad} is outside the vocabulary of {} tokens", cfg.vocab_size)));
+    }
+    Ok(())
 }
 
 fn load_tokenizer(path: &PathBuf) -> Result<Tokenizer> {

@@ -111,6 +111,11 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// The highest `model.layers.N` index among the tensors (None without layer tensors).
+    pub fn last_layer(&self) -> Option<usize> {
+        self.tensors.keys().filter_map(|n| n.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok()).max()
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

@@ -187,6 +187,11 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// The largest `rms_norm_eps` accepted (models use 1e-6 to 1e-5).
+pub const MAX_RMS_NORM_EPS: f64 = 0.1;
+/// The largest rope scaling factor accepted (models use up to a few hundred).
+pub const MAX_ROPE_FACTOR: f64 = 1e4;
+
 /// A token id or a list of them (`eos_token_id` may be either).
 pub fn token_ids(path: &Path, key: &str, v: Option<&Value>) -> Result<Vec<u32>> {
     let bad = |v: &Value| EngineError::field(path, key, format!("expected a token id or a list of them, got {v}"));
@@ -270,8 +275,9 @@ impl ModelConfig {
             (theta, scaling, Blocks::llama(head_dim))
         };
         let rms_norm_eps = f.f64_opt(obj, "rms_norm_eps", "rms_norm_eps")?.unwrap_or(1e-6);
-        if rms_norm_eps <= 0.0 {
-            return Err(f.err("rms_norm_eps", "must be positive"));
+        if rms_norm_eps <= 0.0 || rms_norm_eps > MAX_RMS_NORM_EPS {
+            // models use 1e-6 .. 1e-5; an epsilon near the activations' scale erases the norm
+            return Err(f.err("rms_norm_eps", format!("must be positive and at most {MAX_RMS_NORM_EPS}, got {rms_norm_eps:e}")));
         }
         let stored_dtype = ["dtype", "torch_dtype"]
             .iter()
@@ -385,12 +391,15 @@ fn parse_rope(f: &Fields, layer_type: Option<&str>) -> Result<(f64, RopeScaling)
     }
     let Some(s) = section else { return Ok((theta, RopeScaling::None)) };
     let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
-    // A positive number of the rope section, named with its section in errors.
+    // A positive number of the rope section, named with its section in errors. Factors past
+    // MAX_ROPE_FACTOR are a broken file, not a model (they would stretch positions beyond any
+    // trained range and flatten every angle).
     let num = |key: &str| -> Result<f64> {
         let name = format!("{section_name}.{key}");
         match f.f64_opt(s, key, &name)? {
             None => Err(f.err(&name, format!("missing for rope_type {kind:?}"))),
             Some(x) if x <= 0.0 => Err(f.err(&name, format!("must be positive, got {x}"))),
+            Some(x) if key.ends_with("factor") && x > MAX_ROPE_FACTOR => Err(f.err(&name, format!("{x:e} is beyond any model's scaling (at most {MAX_ROPE_FACTOR})"))),
             Some(x) => Ok(x),
         }
     };
