@@ -56,10 +56,18 @@ pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// ggml's `nearest_int`: round to nearest, ties to even.
+/// ggml's `nearest_int`: round to nearest, ties to even. Its trick (adding 1.5 * 2^23 leaves
+/// the rounded integer in the low mantissa bits, in the current rounding mode: to nearest,
+/// ties to even) is a few instructions where `round_ties_even` is a libm call on baseline
+/// x86-64; it holds while the result stays below 2^22, and larger values take the library path.
 #[inline]
 pub(crate) fn nearest_int(v: f32) -> i32 {
-    v.round_ties_even() as i32
+    if v.abs() < 4194303.5 {
+        let bits = (v + 12582912.0).to_bits() as i32;
+        (bits & 0x007f_ffff) - 0x0040_0000
+    } else {
+        v.round_ties_even() as i32
+    }
 }
 
 /// The signed value with the largest magnitude (the first one on ties), and that magnitude.
@@ -155,6 +163,22 @@ macro_rules! with_block_format {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn nearest_int_rounds_half_to_even_like_the_library() {
+        let mut cases: Vec<f32> = vec![0.0, -0.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 0.49999997, 4194303.5, -4194303.5, 4194304.0, 1e9, -1e9, 15.5, 63.5];
+        let mut x = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            cases.push((x as i32) as f32 / 1000.0);
+            cases.push((x % 64) as f32 / 2.0 - 16.0);
+        }
+        for v in cases {
+            assert_eq!(super::nearest_int(v), v.round_ties_even() as i32, "{v}");
+        }
+    }
+
     use rand::{Rng, SeedableRng};
 
     use super::*;
