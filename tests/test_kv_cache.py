@@ -56,3 +56,40 @@ def test_kv_cache_option_is_checked() -> None:
             Engine(model, kv_cache=bad)
     with pytest.raises(EngineError, match="kv_cache='f16' is for the cpu backend"):
         Engine(model, backend="gpu", kv_cache="f16")
+
+
+def test_a_kv_budget_is_never_exceeded_and_changes_no_result() -> None:
+    model = FIXTURES / "models" / "llama-tiny"
+    free = Engine(model, max_batch=16)
+    per_token = free.info["kv_bytes_per_token"]
+    info = free.info
+    assert per_token == info["layers"] * 2 * info["kv_heads"] * info["head_dim"] * 4  # keys and values, f32
+    assert Engine(model, kv_cache="f16").info["kv_bytes_per_token"] * 2 == per_token
+    prompts = [[5 + i, 6, 7, 8, 9, 10][: 2 + i % 5] for i in range(16)]
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    budget = 3 * 15 * per_token  # room for three sequences of prompt + 9 at once
+    tight = Engine(model, max_batch=16, kv_cache_bytes=budget)
+    assert tight.info["kv_cache_bytes"] == budget
+    want = [o.token_ids for o in free.generate(prompts, params)]
+    assert free.stats()["kv_cache_peak_bytes"] > budget  # unbudgeted, the batch takes more
+    assert [o.token_ids for o in tight.generate(prompts, params)] == want  # batch invariance
+    assert 0 < tight.stats()["kv_cache_peak_bytes"] <= budget
+    # a prompt whose reservation alone exceeds the budget fails alone; the others run
+    small = Engine(model, max_batch=4, kv_cache_bytes=8 * per_token)
+    ok, too_big = small.generate([[5, 6], [5, 6, 7, 8]], SamplingParams(max_tokens=5, temperature=0.0))
+    assert ok.error is None and too_big.finish_reason == "error" and "kv_cache_bytes" in too_big.error
+    with pytest.raises(EngineError, match="kv_cache_bytes"):
+        Engine(model, kv_cache_bytes=0)
+
+
+def test_a_gpu_kv_budget_limits_the_sequences_at_once() -> None:
+    model = FIXTURES / "models" / "llama-tiny"
+    per_token = Engine(model, backend="gpu").info["kv_bytes_per_token"]
+    with pytest.raises(EngineError, match="holds no sequence"):
+        Engine(model, backend="gpu", context=16, kv_cache_bytes=16 * per_token - 1)
+    eng = Engine(model, backend="gpu", context=16, max_batch=8, kv_cache_bytes=2 * 16 * per_token)  # two slots
+    prompts = [[5 + i, 6, 7] for i in range(6)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    got = eng.generate(prompts, params)
+    assert eng.stats()["kv_cache_peak_bytes"] <= 2 * 16 * per_token
+    assert [o.token_ids for o in got] == [o.token_ids for o in Engine(model, backend="gpu", context=16).generate(prompts, params)]

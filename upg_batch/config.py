@@ -58,6 +58,9 @@ class ModelSection(_Section):
     kv_cache: Literal["f32", "f16"] | None = Field(
         None, description="The KV cache's element type: f32 (null) or f16 (half the cache memory; CPU backend only)."
     )
+    kv_cache_bytes: int | None = Field(
+        None, ge=1, description="The most bytes an engine's KV cache may hold (null: what max_batch sequences take); results do not change."
+    )
     fused: bool = Field(
         True,
         description="Fused GPU kernels (norm into matmul, SwiGLU, residual add, RoPE with the KV write): fewer dispatches "

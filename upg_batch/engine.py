@@ -150,6 +150,11 @@ class Engine:
         which follows the reference to f32 rounding; slower on the CPU, the GPU's only way).
     kv_cache: the KV cache's element type: None or "f32", or "f16" (half the memory, so twice
         the sequences or context in the same RAM; keys and values rounded to f16; CPU only).
+    kv_cache_bytes: the most bytes the KV cache may hold (None: whatever max_batch sequences
+        take). On the CPU a sequence reserves its prompt plus max_tokens positions and waits
+        until that fits beside the running ones (a prompt that never fits fails alone); the GPU,
+        which keeps a whole context per sequence, runs as many at once as fit. Results do not
+        change, only how many sequences run at once.
     threads: compute threads (None: all cores). max_batch: sequences in flight at once.
     context: longest sequence (prompt + completion) in tokens (None: the model's maximum).
     fused: fused kernels where the backend has them (the GPU: fewer dispatches per step);
@@ -167,6 +172,7 @@ class Engine:
         fused: bool = True,
         activations: str | None = None,
         kv_cache: str | None = None,
+        kv_cache_bytes: int | None = None,
     ) -> None:
         for name, value, low in (("threads", threads, 1), ("max_batch", max_batch, 1), ("context", context, 2)):
             if value is not None and not int_in(value, low, 2**31):
@@ -179,6 +185,8 @@ class Engine:
             raise EngineError('weights "" is unknown (leave it None for the default, or name a format)')
         if activations not in (None, "int8", "f32"):
             raise EngineError(f"Engine argument `activations` must be 'int8', 'f32' or None, got {activations!r}")
+        if kv_cache_bytes is not None and not int_in(kv_cache_bytes, 1, 2**63 - 1):
+            raise EngineError(f"Engine argument `kv_cache_bytes` must be an integer >= 1 or None, got {kv_cache_bytes!r}")
         if kv_cache not in (None, "f32", "f16"):
             raise EngineError(f"Engine argument `kv_cache` must be 'f32', 'f16' or None, got {kv_cache!r}")
         if not os.path.exists(model_dir) and looks_like_hub_id(model_dir):
@@ -187,10 +195,13 @@ class Engine:
             except HubError as e:
                 raise EngineError(str(e)) from None
         self._native = _native.NativeEngine(
-            os.fspath(model_dir), backend, weights or "", threads, max_batch, context, fused, activations or "", kv_cache or ""
+            os.fspath(model_dir), backend, weights or "", threads, max_batch, context, fused, activations or "", kv_cache or "", kv_cache_bytes
         )
         info = self._native.info()
-        self._limits = (int(info["vocab"]), int(info["context"]))  # what a prompt must fit
+        # what a prompt must fit: the vocabulary, the context, and (a cache that grows per
+        # sequence) the KV budget: (budget, bytes per position) or None
+        budget = (int(info["kv_cache_bytes"]), int(info["kv_bytes_per_token"])) if info["kv_cache_bytes"] and info["backend"] == "cpu" else None
+        self._limits = (int(info["vocab"]), int(info["context"]), budget)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as tokenizer.json encodes it (its post-processor included)."""
@@ -228,7 +239,7 @@ class Engine:
             ids: list[int] | None = None
             try:
                 ids = self._native.tokenize(p) if isinstance(p, str) else _token_ids(p, f"prompt {i}")
-                self._check_prompt(ids, i)
+                self._check_prompt(ids, i, per_prompt[i].max_tokens)
                 ok.append((i, ids))
             except EngineError as e:
                 n = len(ids) if ids is not None else 0 if isinstance(p, str) else len(p)
@@ -249,7 +260,7 @@ class Engine:
             out[i] = group[0] if len(group) == 1 else replace(group[0], samples=group)
         return out  # type: ignore[return-value]  # every slot is filled
 
-    def _check_prompt(self, ids: list[int], i: int) -> None:
+    def _check_prompt(self, ids: list[int], i: int, max_tokens: int) -> None:
         """EngineError saying why prompt i cannot run, if it cannot (the rules the native
         engine applies to a whole call, applied to one prompt)."""
         info = self._limits
@@ -260,6 +271,10 @@ class Engine:
             raise EngineError(f"prompt {i} is empty (no tokens)")
         if len(ids) >= info[1]:
             raise EngineError(f"prompt {i}: {len(ids)} tokens leave no room to generate within the context of {info[1]} tokens")
+        if info[2] is not None:
+            need = min(len(ids) + max_tokens, info[1]) * info[2][1]
+            if need > info[2][0]:
+                raise EngineError(f"prompt {i}: needs {need} bytes of KV cache (prompt plus max_tokens), more than kv_cache_bytes {info[2][0]}")
 
     @property
     def info(self) -> dict[str, Any]:
@@ -269,5 +284,6 @@ class Engine:
     def stats(self) -> dict[str, float]:
         """Live counters, safe to read from another thread while `generate` runs:
         prompt_tokens_total, generation_tokens_total, running_sequences, waiting_sequences,
-        kv_cache_tokens, kv_cache_capacity_tokens, kv_cache_usage_ratio, memory_bytes."""
+        kv_cache_tokens, kv_cache_capacity_tokens, kv_cache_usage_ratio, memory_bytes,
+        kv_cache_bytes (now) and kv_cache_peak_bytes (the most since load)."""
         return dict(self._native.stats())

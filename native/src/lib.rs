@@ -47,7 +47,7 @@ struct NativeEngine {
 #[pymethods]
 impl NativeEngine {
     #[new]
-    #[pyo3(signature = (model_dir, backend, weights, threads, max_batch, context, fused = true, activations = String::new(), kv_cache = String::new()))]
+    #[pyo3(signature = (model_dir, backend, weights, threads, max_batch, context, fused = true, activations = String::new(), kv_cache = String::new(), kv_cache_bytes = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -60,8 +60,9 @@ impl NativeEngine {
         fused: bool,
         activations: String,
         kv_cache: String,
+        kv_cache_bytes: Option<usize>,
     ) -> PyResult<Self> {
-        let opts = EngineOptions { backend, weights, threads, max_batch, context, fused, activations, kv_cache };
+        let opts = EngineOptions { backend, weights, threads, max_batch, context, fused, activations, kv_cache, kv_cache_bytes };
         let inner = py.allow_threads(|| Engine::load(&model_dir, opts)).map_err(to_py)?;
         Ok(NativeEngine { inner })
     }
@@ -128,6 +129,8 @@ impl NativeEngine {
         d.set_item("fused", e.model.fused())?;
         d.set_item("activations", e.model.activations())?;
         d.set_item("kv_cache", e.model.kv_cache())?;
+        d.set_item("kv_cache_bytes", e.kv_budget)?;
+        d.set_item("kv_bytes_per_token", e.kv_token_bytes())?;
         d.set_item("weight_bytes", e.model.weight_bytes())?;
         d.set_item("checkpoint_matrix_bytes", e.model.checkpoint_matrix_bytes())?;
         d.set_item("weight_fallbacks", e.model.weight_fallbacks())?;
@@ -184,6 +187,8 @@ impl NativeEngine {
         d.set_item("kv_cache_capacity_tokens", capacity)?;
         d.set_item("kv_cache_usage_ratio", kv_tokens as f64 / capacity as f64)?;
         d.set_item("memory_bytes", e.memory_bytes())?;
+        d.set_item("kv_cache_bytes", Stats::get(&s.kv_cache_bytes))?;
+        d.set_item("kv_cache_peak_bytes", Stats::get(&s.kv_cache_peak_bytes))?;
         Ok(d)
     }
 }

@@ -90,9 +90,18 @@ pub trait Backend: Send + Sync + Sized {
     fn new_cache(&self, shape: CacheShape) -> Result<Self::Cache>;
     /// Make slot `slot` ready for `positions` positions (a hint: exact reservations).
     fn cache_reserve(&self, cache: &mut Self::Cache, slot: usize, positions: usize);
-    /// Forget a slot's positions (its memory is kept for the next sequence).
+    /// Forget a slot's positions (and free what a growing cache holds for them).
     fn cache_reset(&self, cache: &mut Self::Cache, slot: usize);
     fn cache_bytes(&self, cache: &Self::Cache) -> usize;
+    /// Bytes of cache one position of one sequence takes.
+    fn cache_token_bytes(&self, layers: usize, kv_dim: usize) -> usize {
+        layers * 2 * kv_dim * 4
+    }
+    /// Whether `new_cache` allocates every slot's whole context up front (else each slot grows
+    /// to what `cache_reserve` asks for).
+    fn cache_preallocated(&self) -> bool {
+        false
+    }
 
     /// Uploads a step's rows and rotary tables.
     fn begin_step(&self, input: &StepInput<'_>) -> Result<Self::Step>;

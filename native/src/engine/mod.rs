@@ -17,7 +17,7 @@ use self::sampler::SamplingParams;
 use self::source::ModelSource;
 use self::scheduler::{FinishReason, Output, STEP_TOKENS};
 use self::stats::Stats;
-use crate::backend::StepRow;
+use crate::backend::{Backend, StepRow};
 use crate::error::{EngineError, Result};
 
 const MAX_THREADS: usize = 1024;
@@ -35,6 +35,8 @@ pub struct EngineOptions {
     pub activations: String,
     /// The KV cache's element type: "" (f32), "f32" or "f16".
     pub kv_cache: String,
+    /// The most bytes the KV cache may hold (None: no limit beyond max_batch and context).
+    pub kv_cache_bytes: Option<usize>,
 }
 
 pub enum Prompt {
@@ -51,6 +53,8 @@ pub struct Engine {
     pub chat: Option<(Option<String>, Vec<(String, String)>)>,
     pub max_batch: usize,
     pub context: usize,
+    /// The KV cache budget in bytes (`EngineOptions::kv_cache_bytes`).
+    pub kv_budget: Option<usize>,
     pub threads: usize,
     pub stats: Stats,
     pool: rayon::ThreadPool,
@@ -89,7 +93,30 @@ impl Engine {
             .map_err(|e| EngineError::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
         let ModelSource { checkpoint, tokenizer, eos_token_ids, chat, scheme, .. } = source;
         let model = Model::load(&opts.backend, &opts.activations, &opts.kv_cache, &checkpoint, cfg, scheme, opts.fused)?;
-        Ok(Engine { model, tokenizer, eos_token_ids, chat, max_batch: opts.max_batch, context, threads, stats: Stats::default(), pool, run_lock: Mutex::new(()) })
+        let engine = Engine { model, tokenizer, eos_token_ids, chat, max_batch: opts.max_batch, context, kv_budget: opts.kv_cache_bytes, threads, stats: Stats::default(), pool, run_lock: Mutex::new(()) };
+        if let Some(budget) = engine.kv_budget {
+            // a backend that allocates whole contexts must fit one sequence of the context
+            let one = engine.context * engine.kv_token_bytes();
+            if crate::with_decoder!(&engine.model, m => m.backend.cache_preallocated()) && budget < one {
+                return Err(EngineError::InvalidArgument(format!(
+                    "kv_cache_bytes {budget} holds no sequence: the {} backend keeps a whole context ({} tokens, {one} bytes) per sequence; lower `context` or raise the budget",
+                    engine.model.backend_name(),
+                    engine.context
+                )));
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Bytes of KV cache one position of one sequence takes on this engine's backend.
+    pub fn kv_token_bytes(&self) -> usize {
+        let c = self.model.cfg();
+        crate::with_decoder!(&self.model, m => m.backend.cache_token_bytes(c.num_hidden_layers, c.kv_dim()))
+    }
+
+    /// The cache a sequence reserves: its prompt plus max_tokens positions, within the context.
+    pub fn kv_reservation(&self, prompt_len: usize, max_tokens: usize) -> usize {
+        (prompt_len + max_tokens).min(self.context) * self.kv_token_bytes()
     }
 
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
@@ -154,6 +181,13 @@ impl Engine {
             }
             if t.len() >= self.context {
                 return Err(EngineError::PromptTooLong { index: i, tokens: t.len(), context: self.context });
+            }
+            if let Some(budget) = self.kv_budget {
+                let need = self.kv_reservation(t.len(), p.max_tokens);
+                let growing = !crate::with_decoder!(&self.model, m => m.backend.cache_preallocated());
+                if growing && need > budget {
+                    return Err(EngineError::InvalidArgument(format!("prompt {i}: needs {need} bytes of KV cache (prompt plus max_tokens), more than kv_cache_bytes {budget}")));
+                }
             }
             ids.push(t);
         }

@@ -70,14 +70,29 @@ pub fn run<B: Backend>(engine: &Engine, model: &Decoder<B>, prompts: Vec<Vec<u32
     let mut waiting: VecDeque<(usize, Vec<u32>, SamplingParams)> =
         prompts.into_iter().zip(params).enumerate().map(|(i, (p, s))| (i, p, s)).collect();
     let max_batch = engine.max_batch;
-    let slots = max_batch.min(n);
+    let mut slots = max_batch.min(n);
+    // The KV budget: a backend that allocates whole contexts gets as many slots as fit; one
+    // whose caches grow admits a sequence only when its reservation fits beside the running
+    // ones' (first come, first served; Engine::generate refused any that never fits).
+    let preallocated = model.backend.cache_preallocated();
+    if let (Some(budget), true) = (engine.kv_budget, preallocated) {
+        slots = slots.min(budget / (engine.context * engine.kv_token_bytes()).max(1)).max(1);
+    }
+    let mut reserved = 0usize;
     let mut cache = model.new_cache(slots, engine.context)?;
     let mut free_slots: Vec<usize> = (0..slots).rev().collect();
     let mut running: Vec<Sequence> = Vec::new();
     let stats = &engine.stats;
 
     loop {
-        while let (Some(slot), false) = (free_slots.last().copied(), waiting.is_empty()) {
+        while let (Some(slot), Some((_, next, next_params))) = (free_slots.last().copied(), waiting.front()) {
+            let need = engine.kv_reservation(next.len(), next_params.max_tokens);
+            if let (Some(budget), false) = (engine.kv_budget, preallocated) {
+                if reserved + need > budget && !running.is_empty() {
+                    break; // waits for running sequences to finish and free their share
+                }
+            }
+            reserved += need;
             free_slots.pop();
             let (index, prompt, params) = waiting.pop_front().unwrap();
             let sampler = Sampler::new(params.seed);
@@ -135,9 +150,12 @@ pub fn run<B: Backend>(engine: &Engine, model: &Decoder<B>, prompts: Vec<Vec<u32
             });
             model.backend.cache_reset(&mut cache, seq.slot);
             free_slots.push(seq.slot);
+            reserved -= engine.kv_reservation(seq.prompt_len, seq.params.max_tokens);
         }
         Stats::set(&stats.kv_cache_tokens, running.iter().map(|s| s.processed).sum());
-        Stats::set(&stats.kv_cache_bytes, model.backend.cache_bytes(&cache));
+        let bytes = model.backend.cache_bytes(&cache);
+        Stats::set(&stats.kv_cache_bytes, bytes);
+        stats.kv_cache_peak_bytes.fetch_max(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     }
     // The caches are freed on return.
     Stats::set(&stats.running_sequences, 0);

@@ -10,6 +10,8 @@ pub struct Stats {
     pub waiting_sequences: AtomicU64,
     pub kv_cache_tokens: AtomicU64,
     pub kv_cache_bytes: AtomicU64,
+    /// The most `kv_cache_bytes` has been since the engine loaded.
+    pub kv_cache_peak_bytes: AtomicU64,
     pub steps_total: AtomicU64,
 }
 

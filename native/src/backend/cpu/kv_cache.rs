@@ -42,10 +42,10 @@ impl KvRows {
         }
     }
 
-    fn clear(&mut self) {
+    fn release(&mut self) {
         match self {
-            KvRows::F32(v) => v.clear(),
-            KvRows::F16(v) => v.clear(),
+            KvRows::F32(v) => *v = Vec::new(),
+            KvRows::F16(v) => *v = Vec::new(),
         }
     }
 
@@ -112,11 +112,13 @@ impl SeqCache {
         self.len = len;
     }
 
-    /// Forget all positions, keeping the memory for the next sequence in this slot.
+    /// Forget all positions and free their memory: the next sequence in this slot reserves
+    /// what it needs, so the cache holds exactly what running sequences reserved (which a
+    /// memory budget counts on).
     pub fn reset(&mut self) {
         for (k, v) in &mut self.layers {
-            k.clear();
-            v.clear();
+            k.release();
+            v.release();
         }
         self.len = 0;
     }

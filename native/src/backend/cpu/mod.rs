@@ -102,6 +102,10 @@ impl Backend for CpuBackend {
         cache.iter().map(|c| c.bytes()).sum()
     }
 
+    fn cache_token_bytes(&self, layers: usize, kv_dim: usize) -> usize {
+        layers * 2 * kv_dim * if self.kv_f16 { 2 } else { 4 }
+    }
+
     fn begin_step(&self, input: &StepInput<'_>) -> Result<CpuStep> {
         Ok(CpuStep { rows: input.rows.to_vec(), rope: input.rope.to_vec(), logit_rows: input.logit_rows.to_vec() })
     }

@@ -394,6 +394,10 @@ impl Backend for WgpuBackend {
         cache.k.iter().chain(&cache.v).map(|b| b.size as usize).sum()
     }
 
+    fn cache_preallocated(&self) -> bool {
+        true
+    }
+
     fn begin_step(&self, input: &StepInput<'_>) -> Result<GStep> {
         self.rec().reset();
         let rows: Vec<u32> = input.rows.iter().flat_map(|r| [r.slot as u32, r.pos as u32, r.token, 0]).collect();
