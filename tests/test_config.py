@@ -106,9 +106,9 @@ def test_engine_kwargs_are_every_model_field_and_engine_takes_them():
 
     from upg_batch.engine import Engine
 
-    m = parse_config(_with("model", backend="auto", weights="bf16", threads=2, max_batch=4, context=64, fused=False, activations="f32", kv_cache="f16")).model
+    m = parse_config(_with("model", backend="auto", weights="bf16", threads=2, max_batch=4, context=64, fused=False, activations="f32", kv_cache="f16", kv_cache_bytes=4096)).model
     kwargs = m.engine_kwargs()
-    assert kwargs == {"backend": "auto", "weights": "bf16", "threads": 2, "max_batch": 4, "context": 64, "fused": False, "activations": "f32", "kv_cache": "f16"}
+    assert kwargs == {"backend": "auto", "weights": "bf16", "threads": 2, "max_batch": 4, "context": 64, "fused": False, "activations": "f32", "kv_cache": "f16", "kv_cache_bytes": 4096}
     assert set(kwargs) == set(type(m).model_fields) - {"path"}
     params = inspect.signature(Engine.__init__).parameters
     assert set(kwargs) == set(params) - {"self", "model_dir"}, "Engine's arguments and the model section differ"
