@@ -124,3 +124,22 @@ def test_an_idle_engine_reports_only_its_weights() -> None:
     s = eng.stats()
     assert (s["kv_cache_tokens"], s["running_sequences"]) == (0, 0)
     assert s["memory_bytes"] == weights, f"memory_bytes {s['memory_bytes']} after generate returned; weights are {weights}"
+
+
+def test_submitted_prompts_join_the_running_batch_and_match_generate() -> None:
+    """The streaming interface: prompts submitted one by one, while others run, join the
+    batch at once (a short one finishes while a long one started earlier is still running)
+    and give exactly what one `generate` call gives for the same prompts and seeds."""
+    eng = Engine(LLAMA, max_batch=8)
+    prompts = [[(7 * i + j) % 500 + 2 for j in range(3 + i % 4)] for i in range(12)]
+    params = [SamplingParams(max_tokens=4 + 3 * (i % 5), temperature=0.8, seed=i, ignore_eos=True) for i in range(12)]
+    want = [o.token_ids for o in eng.generate(prompts, params)]
+    long = eng.submit([[5, 6, 7]], SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True))
+    while eng.stats()["running_sequences"] < 1:
+        time.sleep(0.001)
+    futures = [eng.submit([p], q) for p, q in zip(reversed(prompts), reversed(params))][::-1]
+    got = [f.result(timeout=120)[0].token_ids for f in futures]
+    assert not long.done(), "the short prompts waited for the long one: they did not join its batch"
+    assert got == want
+    (out,) = long.result(timeout=120)
+    assert len(out.token_ids) == 400

@@ -1,8 +1,9 @@
-"""The Ray engine actor: loads the model once, runs one shard at a time, reports live stats.
+"""The Ray engine actor: loads the model once, runs the shards queued on it, reports live stats.
 
-The actor is threaded with two concurrency groups: `work` (one thread, so shards run one
-after another while the next one waits queued) and `poll` (so the driver can read
-`eng.stats()` while a shard's `generate` runs; generate releases the GIL).
+The actor is threaded with two concurrency groups: `work` (up to WORK_THREADS shards at once:
+their `generate` calls share the engine's batch, so it stays full while one shard finishes and
+the next starts; results are the same as one at a time, by batch invariance) and `poll` (so the
+driver can read `eng.stats()` while shards run; generate releases the GIL).
 
 Test-only hooks (read from the driver's environment and handed to the actor; never set them
 in production):
@@ -28,6 +29,8 @@ from upg_batch.rows import ShardResult, WorkSpec, Prompting, run_rows
 __all__ = ["EngineActor", "node_label", "test_hooks_from_env"]
 
 TEST_HOOK_VARS = ("UPG_BATCH_TEST_SHARD_DELAY_S", "UPG_BATCH_TEST_CRASH")
+# shards run at once per actor (the driver queues cluster.shards_in_flight on each, at most 8)
+WORK_THREADS = 8
 
 
 def node_label(node_id: str, ip: str) -> str:
@@ -39,7 +42,7 @@ def test_hooks_from_env() -> dict[str, str]:
     return {k: os.environ[k] for k in TEST_HOOK_VARS if os.environ.get(k)}
 
 
-@ray.remote(concurrency_groups={"work": 1, "poll": 1})
+@ray.remote(concurrency_groups={"work": WORK_THREADS, "poll": 1})
 class EngineActor:
     def __init__(self, spec: WorkSpec, actor_key: str, node: str, hooks: dict[str, str]) -> None:
         from upg_batch.engine import Engine
@@ -50,7 +53,7 @@ class EngineActor:
         self.hooks = hooks
         self.node = node  # node_label() of the node the driver pinned this actor to
         self._lock = threading.Lock()
-        self._current: int | None = None
+        self._current: list[int] = []  # shards running now
         # A model that does not load is reported by ready() as a plain message, rather than
         # as an actor creation failure wrapped in Ray's formatting.
         self.load_error: str | None = None
@@ -71,7 +74,7 @@ class EngineActor:
         from upg_batch.engine import SamplingParams
 
         with self._lock:
-            self._current = shard.index
+            self._current.append(shard.index)
         try:
             self._apply_hooks(shard, attempt)
             result = run_rows(self.engine, self.prompting, shard, self.spec, SamplingParams)
@@ -81,15 +84,15 @@ class EngineActor:
             return result
         finally:
             with self._lock:
-                self._current = None
+                self._current.remove(shard.index)
 
     @ray.method(concurrency_group="poll")
     def stats(self) -> dict[str, Any]:
-        """Live engine stats, plus max_batch and the shard running now (None when idle)."""
+        """Live engine stats, plus max_batch and the shards running now (oldest first)."""
         stats: dict[str, Any] = dict(self.engine.stats())
         stats["max_batch"] = self.spec.cfg.model.max_batch
         with self._lock:
-            stats["shard"] = self._current
+            stats["shards"] = list(self._current)
         return stats
 
     def _apply_hooks(self, shard: Shard, attempt: int) -> None:

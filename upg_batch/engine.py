@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -82,6 +84,10 @@ def _token_ids(ids: Sequence[int], what: str) -> list[int]:
             raise EngineError(f"{what}: token id {t!r} at position {pos} is not an integer in [0, 2**32)")
         out.append(int(t))
     return out
+
+
+# threads that wait on `submit`ted calls (they hold no GIL while the engine works)
+_SUBMIT_THREADS = 64
 
 
 def sample_seed(seed: int, j: int) -> int:
@@ -202,6 +208,8 @@ class Engine:
         # sequence) the KV budget: (budget, bytes per position) or None
         budget = (int(info["kv_cache_bytes"]), int(info["kv_bytes_per_token"])) if info["kv_cache_bytes"] and info["backend"] == "cpu" else None
         self._limits = (int(info["vocab"]), int(info["context"]), budget)
+        self._submit_lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` as tokenizer.json encodes it (its post-processor included)."""
@@ -216,12 +224,29 @@ class Engine:
         raw, rows, vocab = self._native.logits(_token_ids(token_ids, "logits"))
         return np.frombuffer(raw, dtype=np.float32).reshape(rows, vocab).copy()
 
+    def submit(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Future[list[Completion]]:
+        """`generate` without waiting: the prompts join the engine's running batch at once
+        (beside every other call's) and the future resolves when they are done, so callers
+        can stream work in and collect completions as they finish (`concurrent.futures.
+        as_completed`; submit prompts one by one for per-prompt results). Results equal
+        `generate`'s for the same prompts and seeds, whatever else runs beside them."""
+        with self._submit_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=_SUBMIT_THREADS, thread_name_prefix="upg-submit")
+            return self._executor.submit(self.generate, prompts, params)
+
     def generate(
         self,
         prompts: Sequence[str | Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
-        """Continue every prompt; results come back in the order of `prompts`."""
+        """Continue every prompt; results come back in the order of `prompts`. Calls from
+        several threads run in one batch (the engine's scheduler admits each call's prompts
+        as slots free up) and each returns when its own prompts are done."""
         if isinstance(prompts, (str, bytes)):
             raise TypeError("generate() takes a list of prompts; wrap a single prompt in a list")
         prompts = list(prompts)

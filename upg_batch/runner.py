@@ -299,7 +299,9 @@ class _Loop:
                     st = ray.get(ref, timeout=10)
                 except (RayError, GetTimeoutError):
                     return  # a dead actor shows through its shard calls
-                slot.current = st.pop("shard", None)
+                running = st.pop("shards", [])
+                # the shard it would die on, when only one runs (several: none can be blamed)
+                slot.current = running[0] if len(running) == 1 else None
                 self.metrics.observe_engine_stats(slot.node, slot.key, st)
                 return
 

@@ -8,7 +8,7 @@ pub mod scheduler;
 pub mod stats;
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokenizers::Tokenizer;
 
@@ -44,7 +44,21 @@ pub enum Prompt {
     Ids(Vec<u32>),
 }
 
+/// A loaded model and its scheduler. `Engine` derefs to `Core`: the model, tokenizer and
+/// settings, shared with the scheduler's thread.
 pub struct Engine {
+    core: Arc<Core>,
+    worker: scheduler::Worker,
+}
+
+impl std::ops::Deref for Engine {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+pub struct Core {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub eos_token_ids: Vec<u32>,
@@ -58,8 +72,8 @@ pub struct Engine {
     pub threads: usize,
     pub stats: Stats,
     pool: rayon::ThreadPool,
-    /// One `generate` / `logits` at a time; `stats` stays readable meanwhile.
-    run_lock: Mutex<()>,
+    /// The model runs one forward pass at a time: the scheduler's steps and `logits` calls.
+    model_lock: Mutex<()>,
 }
 
 impl Engine {
@@ -93,7 +107,7 @@ impl Engine {
             .map_err(|e| EngineError::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
         let ModelSource { checkpoint, tokenizer, eos_token_ids, chat, scheme, .. } = source;
         let model = Model::load(&opts.backend, &opts.activations, &opts.kv_cache, &checkpoint, cfg, scheme, opts.fused)?;
-        let engine = Engine { model, tokenizer, eos_token_ids, chat, max_batch: opts.max_batch, context, kv_budget: opts.kv_cache_bytes, threads, stats: Stats::default(), pool, run_lock: Mutex::new(()) };
+        let engine = Core { model, tokenizer, eos_token_ids, chat, max_batch: opts.max_batch, context, kv_budget: opts.kv_cache_bytes, threads, stats: Stats::default(), pool, model_lock: Mutex::new(()) };
         if let Some(budget) = engine.kv_budget {
             // a backend that allocates whole contexts must fit one sequence of the context
             let one = engine.context * engine.kv_token_bytes();
@@ -105,7 +119,25 @@ impl Engine {
                 )));
             }
         }
-        Ok(engine)
+        let core = Arc::new(engine);
+        let worker = scheduler::Worker::start(core.clone())?;
+        Ok(Engine { core, worker })
+    }
+
+    /// Tokenizes and checks every request, then hands them to the scheduler, which batches
+    /// them with whatever else is running (other threads' calls included) and returns when
+    /// these are done.
+    pub fn generate(&self, prompts: Vec<Prompt>, params: Vec<SamplingParams>) -> Result<Vec<Output>> {
+        let ids = self.checked_requests(prompts, &params)?;
+        self.worker.submit(ids, params)
+    }
+}
+
+impl Core {
+    /// Runs `f` on the engine's thread pool with the model to itself.
+    pub(crate) fn run_model<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let _guard = self.model_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.pool.install(f)
     }
 
     /// Bytes of KV cache one position of one sequence takes on this engine's backend.
@@ -146,9 +178,8 @@ impl Engine {
         if ids.len() > self.context {
             return Err(EngineError::InvalidArgument(format!("logits: {} tokens exceed the context of {} tokens", ids.len(), self.context)));
         }
-        let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
         let context = self.context;
-        self.pool.install(|| {
+        self.run_model(|| {
             crate::with_decoder!(&self.model, m => {
                 let mut cache = m.new_cache(1, context)?;
                 let mut out = Vec::with_capacity(ids.len() * m.cfg.vocab_size);
@@ -163,13 +194,13 @@ impl Engine {
         })
     }
 
-    /// Tokenizes and checks every request, then runs them all with continuous batching.
-    pub fn generate(&self, prompts: Vec<Prompt>, params: Vec<SamplingParams>) -> Result<Vec<Output>> {
+    /// Every request tokenized and checked (an error names the first bad one).
+    fn checked_requests(&self, prompts: Vec<Prompt>, params: &[SamplingParams]) -> Result<Vec<Vec<u32>>> {
         if prompts.len() != params.len() {
             return Err(EngineError::InvalidArgument(format!("{} prompts but {} sampling params", prompts.len(), params.len())));
         }
         let mut ids = Vec::with_capacity(prompts.len());
-        for (i, (prompt, p)) in prompts.into_iter().zip(&params).enumerate() {
+        for (i, (prompt, p)) in prompts.into_iter().zip(params).enumerate() {
             p.validate(i)?;
             let t = match prompt {
                 Prompt::Text(text) => self.tokenize(&text)?,
@@ -191,8 +222,7 @@ impl Engine {
             }
             ids.push(t);
         }
-        let _guard = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.pool.install(|| crate::with_decoder!(&self.model, m => scheduler::run(self, m, ids, params)))
+        Ok(ids)
     }
 
     /// Whether a sequence that just produced `generated` is done, and if so its text and why.
