@@ -7,7 +7,13 @@ Arrow commit with fsync, manifest). The job's rate counts from the first shard d
 the last commit (Ray start and model load are reported separately, in wall time). Prints JSON
 and a table; the target is a ratio >= 0.95.
 
+With --vary-lengths every row gets its own max_tokens (1 to --max-tokens, as completions of
+real data end at different lengths), which is where a batch that drains at each shard's end
+costs most; UPG_BATCH_ACTOR_SHARDS_AT_ONCE=1 makes the actor run its queued shards one after
+another instead of at once (the behaviour before the streaming scheduler), to compare.
+
     python benches/bench_runner.py --shape llama-110m --weights f32 --threads 2
+    python benches/bench_runner.py --vary-lengths --max-tokens 64 --shard-rows 32
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -41,11 +48,18 @@ def _prompts(n: int) -> list[str]:
     return [f"Item {i}: write three sentences about {subjects[i % len(subjects)]} and the number {i}." for i in range(n)]
 
 
+def _max_tokens(n: int, args: argparse.Namespace) -> list[int]:
+    """Each row's max_tokens: all --max-tokens, or (--vary-lengths) spread over 1..max."""
+    if not args.vary_lengths:
+        return [args.max_tokens] * n
+    return [1 + (i * 37) % args.max_tokens for i in range(n)]
+
+
 def raw_engine(model: Path, prompts: list[str], args: argparse.Namespace) -> dict:
     from upg_batch import Engine, SamplingParams
 
     eng = Engine(model, weights=args.weights, threads=args.threads, max_batch=args.max_batch)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+    params = [SamplingParams(max_tokens=m, temperature=0.0) for m in _max_tokens(len(prompts), args)]
     eng.generate([eng.tokenize("warm up")], SamplingParams(max_tokens=2, temperature=0.0))
     ids = [eng.tokenize(p) for p in prompts]  # the runner tokenizes outside generate too
     t = time.perf_counter()
@@ -61,7 +75,10 @@ def runner_job(model: Path, prompts: list[str], work: Path, args: argparse.Names
     from upg_batch.config import load_config
     from upg_batch.runner import Runner
 
-    pq.write_table(pa.table({"id": list(range(len(prompts))), "prompt": prompts}), work / "prompts.parquet")
+    columns = {"id": list(range(len(prompts))), "prompt": prompts}
+    if args.vary_lengths:
+        columns["max_tokens"] = _max_tokens(len(prompts), args)
+    pq.write_table(pa.table(columns), work / "prompts.parquet")
     job = {
         "model": {"path": str(model), "weights": args.weights, "threads": args.threads, "max_batch": args.max_batch},
         "input": {"path": "prompts.parquet", "id_column": "id", "shard_rows": args.shard_rows},
@@ -96,6 +113,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--shard-rows", type=int, default=64)
+    ap.add_argument("--vary-lengths", action="store_true", help="per-row max_tokens from 1 to --max-tokens")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -124,6 +142,8 @@ def main() -> int:
         "max_tokens": args.max_tokens,
         "max_batch": args.max_batch,
         "shard_rows": args.shard_rows,
+        "vary_lengths": args.vary_lengths,
+        "actor_shards_at_once": int(os.environ.get("UPG_BATCH_ACTOR_SHARDS_AT_ONCE", "8") or 8),
         "engine": raw,
         "job": job,
         "job_over_engine": round(ratio, 3),

@@ -29,8 +29,9 @@ from upg_batch.rows import ShardResult, WorkSpec, Prompting, run_rows
 __all__ = ["EngineActor", "node_label", "test_hooks_from_env"]
 
 TEST_HOOK_VARS = ("UPG_BATCH_TEST_SHARD_DELAY_S", "UPG_BATCH_TEST_CRASH")
-# shards run at once per actor (the driver queues cluster.shards_in_flight on each, at most 8)
-WORK_THREADS = 8
+# shards run at once per actor (the driver queues cluster.shards_in_flight on each, at most 8);
+# UPG_BATCH_ACTOR_SHARDS_AT_ONCE=1 runs them one after another (benchmarks compare the two)
+WORK_THREADS = int(os.environ.get("UPG_BATCH_ACTOR_SHARDS_AT_ONCE", "8") or 8)
 
 
 def node_label(node_id: str, ip: str) -> str:
