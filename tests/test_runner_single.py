@@ -342,3 +342,60 @@ def test_output_removed_mid_job_fails_the_run_and_a_rerun_repairs_it(tmp_path: P
     assert main(["run", str(job)]) == 0  # the rerun repairs the output
     assert sorted(read_output(out).column("id").to_pylist()) == list(range(24))
     assert (out / SUCCESS).exists() and len(read_committed(out)["shards"]) == 3
+
+
+def test_a_zombie_attempt_resumed_after_it_was_given_up_never_commits(tmp_path: Path, monkeypatch):
+    """An actor stopped (SIGSTOP) in the middle of shard 0 past the shard timeout; the driver
+    gives up on that attempt, but its kill is disabled, so the process lives on while a new
+    actor runs attempt 2. The stopped actor is resumed (SIGCONT) while the job still runs and
+    finishes its stale attempt: that result is never committed nor duplicated."""
+    import upg_batch.runner as runner_mod
+
+    f = write_prompts(tmp_path / "d.parquet", 48)
+    out = tmp_path / "out"
+    pidfile = tmp_path / "zombie.pid"
+    job = write_job(tmp_path, f, out, cluster={"shard_timeout_s": 3.0, "max_attempts": 3, "shards_in_flight": 1})
+    monkeypatch.setenv("UPG_BATCH_TEST_STOP", f"0@1:{pidfile}")
+    monkeypatch.setenv("UPG_BATCH_TEST_SHARD_DELAY_S", "0.5")  # 6 shards of >= 0.5 s after the stop
+
+    def forget_actor(slot):  # the driver gives up on the actor but cannot kill it
+        slot.handle = None
+
+    monkeypatch.setattr(runner_mod, "kill_actor", forget_actor)
+    resumed: dict[str, float] = {}
+
+    def resume_the_zombie() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (pidfile.exists() and 0 in {int(k) for k in _committed_shards(out)}):
+            time.sleep(0.05)
+        if pidfile.exists():
+            pid = int(pidfile.read_text())
+            os.kill(pid, signal.SIGCONT)  # it runs on, and returns attempt 1's result
+            resumed["at"] = time.monotonic()
+            resumed["pid"] = pid
+
+    t = threading.Thread(target=resume_the_zombie)
+    t.start()
+    try:
+        summary = _run(job)
+        ended = time.monotonic()
+    finally:
+        t.join()
+        if "pid" in resumed:
+            try:
+                os.kill(resumed["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert "at" in resumed and resumed["at"] < ended - 1.0, "the zombie was not resumed while the job ran"
+    rows = read_output(out).to_pylist()
+    assert sorted(r["id"] for r in rows) == list(range(48)) and all(r["error"] is None for r in rows)
+    record = read_committed(out)["shards"]
+    assert record["0"]["attempt"] == 2  # the replacement's attempt, not the zombie's
+    assert summary["rows_ok"] == 48 and summary["shards_failed"] == 0
+
+
+def _committed_shards(out: Path) -> set[str]:
+    try:
+        return set(read_committed(out)["shards"])
+    except (OSError, ValueError, OutputError):
+        return set()

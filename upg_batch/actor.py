@@ -11,13 +11,18 @@ in production):
                                 can kill the driver or an actor mid-job deterministically)
   UPG_BATCH_TEST_CRASH          "I" or "I@A": the actor process exits when it starts shard I
                                 (every attempt, or only attempt A), like a crash would
+  UPG_BATCH_TEST_STOP           "I@A:FILE": the actor writes its pid to FILE and stops itself
+                                (SIGSTOP) when it starts attempt A of shard I, so a test can
+                                resume it (SIGCONT) after that attempt was given up
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -28,7 +33,7 @@ from upg_batch.rows import ShardResult, WorkSpec, Prompting, run_rows
 
 __all__ = ["EngineActor", "node_label", "test_hooks_from_env"]
 
-TEST_HOOK_VARS = ("UPG_BATCH_TEST_SHARD_DELAY_S", "UPG_BATCH_TEST_CRASH")
+TEST_HOOK_VARS = ("UPG_BATCH_TEST_SHARD_DELAY_S", "UPG_BATCH_TEST_CRASH", "UPG_BATCH_TEST_STOP")
 # shards run at once per actor (the driver queues cluster.shards_in_flight on each, at most 8);
 # UPG_BATCH_ACTOR_SHARDS_AT_ONCE=1 runs them one after another (benchmarks compare the two)
 WORK_THREADS = int(os.environ.get("UPG_BATCH_ACTOR_SHARDS_AT_ONCE", "8") or 8)
@@ -102,6 +107,13 @@ class EngineActor:
             index, _, only = crash.partition("@")
             if int(index) == shard.index and (not only or int(only) == attempt):
                 os._exit(17)
+        stop = self.hooks.get("UPG_BATCH_TEST_STOP")
+        if stop:
+            which, _, pidfile = stop.partition(":")
+            index, _, only = which.partition("@")
+            if int(index) == shard.index and int(only or 1) == attempt:
+                Path(pidfile).write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGSTOP)
         delay = float(self.hooks.get("UPG_BATCH_TEST_SHARD_DELAY_S", 0) or 0)
         if delay > 0:
             time.sleep(delay)
