@@ -46,14 +46,16 @@ __all__ = ["CommitError", "Committer", "OutputError", "MANIFEST", "LOG", "SUCCES
 
 SUCCESS = "_SUCCESS"
 LOCK = ".upg-batch.lock"
-_PART = re.compile(r"^part-(\d+)\.(arrow|parquet)$")
+_PART = re.compile(r"^part-(\d+)\.(arrow|parquet|jsonl)$")
+# output.format -> the part files' extension
+_EXTENSION = {"arrow": "arrow", "parquet": "parquet", "openai": "jsonl"}
 # the log is compacted into the snapshot once it is larger than both the snapshot and this, so
 # the bytes written stay O(1) per commit amortized and a resume reads a bounded log
 COMPACT_MIN_BYTES = 1 << 20
 
 
 def part_name(index: int, fmt: str) -> str:
-    return f"part-{index:06d}.{fmt}"
+    return f"part-{index:06d}.{_EXTENSION.get(fmt, fmt)}"
 
 
 def _stat_or_none(path: Path) -> os.stat_result | None:
@@ -97,9 +99,17 @@ class Committer:
     """Owns one output folder for the length of a run (an exclusive lock keeps others out)."""
 
     def __init__(
-        self, out_dir: Path, fingerprint: dict[str, str], total_shards: int, fmt: str, overwrite: bool = False, inputs: dict[str, Any] | None = None
+        self,
+        out_dir: Path,
+        fingerprint: dict[str, str],
+        total_shards: int,
+        fmt: str,
+        overwrite: bool = False,
+        inputs: dict[str, Any] | None = None,
+        model_name: str = "",
     ) -> None:
         self.dir = Path(out_dir)
+        self.model_name = model_name  # the `model` field of OpenAI result lines
         # folders this run created (outermost first): removed again if the run ends before
         # writing to them
         self._created = _make_dirs(self.dir)
@@ -306,6 +316,10 @@ class Committer:
                 with open(tmp, "wb") as f:
                     if self.fmt == "parquet":
                         pq.write_table(pa.Table.from_batches([batch]), f)
+                    elif self.fmt == "openai":
+                        from upg_batch.openai_batch import result_lines
+
+                        f.write(result_lines(batch, self.model_name))
                     else:
                         with pa.ipc.new_file(f, batch.schema) as writer:
                             writer.write_batch(batch)

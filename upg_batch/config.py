@@ -83,7 +83,9 @@ class InputSection(_Section):
 
 class OutputSection(_Section):
     path: Path = Field(strict=False, description="Folder that receives one file per shard, a manifest and _SUCCESS.")
-    format: Literal["arrow", "parquet"] = Field("arrow", description="File format of the shard files.")
+    format: Literal["arrow", "parquet", "openai"] = Field(
+        "arrow", description="File format of the shard files: arrow, parquet, or openai (result lines of the OpenAI Batch API, .jsonl)."
+    )
     passthrough: tuple[str, ...] = Field((), strict=False, description="Input columns copied to the output unchanged.")
 
     @field_validator("passthrough")
@@ -208,6 +210,8 @@ class JobConfig(_Section):
 def extra_output_columns(cfg: JobConfig) -> tuple[str, ...]:
     """Output columns the sampling section adds after OUTPUT_COLUMNS: `logprobs` (sample 0's
     per-token log-probabilities) and `samples` (all n samples when n > 1)."""
+    if cfg.output.format == "openai":  # requests may ask for n and logprobs one by one
+        return ("logprobs", "samples")
     return (("logprobs",) if cfg.sampling.logprobs is not None else ()) + (("samples",) if cfg.sampling.n > 1 else ())
 
 

@@ -105,7 +105,19 @@ def _parquet_footer_hash(path: str, size: int) -> str:
 
 
 def dataset_fingerprint(plan: Plan) -> list[Any]:
-    return [[f.key, f.size, f.num_rows, _parquet_footer_hash(f.path, f.size)] for f in plan.files]
+    return [[f.key, f.size, f.num_rows, _jsonl_hash(f.path, f.size, f.line_offsets) if f.is_jsonl else _parquet_footer_hash(f.path, f.size)] for f in plan.files]
+
+
+def _jsonl_hash(path: str, size: int, offsets: tuple[int, ...]) -> str:
+    """A request file: where its shards' lines start, and its first and last bytes (cheap, as
+    for weight files; a line rewritten in place with the same length goes unseen)."""
+    h = hashlib.sha256(json.dumps(offsets).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_EDGE))
+        if size > _EDGE:
+            f.seek(max(_EDGE, size - _EDGE))
+            h.update(f.read(_EDGE))
+    return h.hexdigest()
 
 
 def fingerprint_inputs(cfg: JobConfig, plan: Plan) -> dict[str, Any]:

@@ -32,6 +32,14 @@ class InputFile:
     size: int
     num_rows: int
     row_group_rows: tuple[int, ...]
+    # OpenAI batch (.jsonl) files: the byte offset of lines 0, offset_every, 2 * offset_every, ...
+    # (offset_every is input.shard_rows, so every shard starts at one of them)
+    line_offsets: tuple[int, ...] = ()
+    offset_every: int = 0
+
+    @property
+    def is_jsonl(self) -> bool:
+        return self.path.endswith(".jsonl")
 
 
 @dataclass(frozen=True)
@@ -175,10 +183,50 @@ def _normalize(t: pa.DataType) -> pa.DataType:
     return t
 
 
+def _jsonl_plan(cfg: JobConfig, paths: list[str], root: str) -> Plan:
+    """OpenAI batch files: each line a request, shards of input.shard_rows lines located by
+    the byte offsets one streaming pass finds (the files are never loaded)."""
+    from upg_batch.openai_batch import OVERRIDES, REQUEST_SCHEMA, scan_lines
+
+    if cfg.output.passthrough:
+        raise DatasetError("output.passthrough: OpenAI batch input has no columns to pass through (the output carries custom_id and url)")
+    files = []
+    for p in paths:
+        try:
+            lines, offsets = scan_lines(p, cfg.input.shard_rows)
+        except OSError as e:
+            raise DatasetError(f"{p}: cannot be read ({e.strerror or e})") from None
+        files.append(InputFile(p, os.path.relpath(p, root), os.path.getsize(p), lines, (), offsets, cfg.input.shard_rows))
+    columns = Columns(prompt="prompt", messages="messages", id="custom_id", overrides=OVERRIDES, passthrough=("url",))
+    return Plan(files=tuple(files), shards=_cut(files, cfg), columns=columns, id_type=pa.string(), passthrough_types=(REQUEST_SCHEMA.field("url").type,))
+
+
+def _cut(files: Sequence[InputFile], cfg: JobConfig) -> tuple[Shard, ...]:
+    """Shards of input.shard_rows rows, file by file; input.limit keeps the first rows only."""
+    inp = cfg.input
+    shards: list[Shard] = []
+    left = inp.limit  # None: all of them
+    for f in files:
+        for start in range(0, f.num_rows, inp.shard_rows):
+            stop = min(f.num_rows, start + inp.shard_rows)
+            if left is not None:
+                if left <= 0:
+                    break
+                stop = min(stop, start + left)
+                left -= stop - start
+            shards.append(Shard(len(shards), f, start, stop))
+    return tuple(shards)
+
+
 def make_plan(cfg: JobConfig) -> Plan:
     """Check every input file's schema, then cut the files into shards. Raises DatasetError."""
     inp: InputSection = cfg.input
     paths, root = find_files(inp.path)
+    jsonl = [p.endswith(".jsonl") for p in paths]
+    if all(jsonl):
+        return _jsonl_plan(cfg, paths, root)
+    if any(jsonl):
+        raise DatasetError(f"input.path {inp.path}: mixes .jsonl request files with Parquet files ({paths[jsonl.index(True)]})")
     files: list[InputFile] = []
     schemas: list[pa.Schema] = []
     for p in paths:
@@ -243,20 +291,9 @@ def make_plan(cfg: JobConfig) -> Plan:
         overrides=overrides,
         passthrough=tuple(cfg.output.passthrough),
     )
-    shards: list[Shard] = []
-    left = inp.limit  # input.limit: the first rows only (None: all of them)
-    for f in files:
-        for start in range(0, f.num_rows, inp.shard_rows):
-            stop = min(f.num_rows, start + inp.shard_rows)
-            if left is not None:
-                if left <= 0:
-                    break
-                stop = min(stop, start + left)
-                left -= stop - start
-            shards.append(Shard(len(shards), f, start, stop))
     return Plan(
         files=tuple(files),
-        shards=tuple(shards),
+        shards=_cut(files, cfg),
         columns=columns,
         id_type=id_type if id_type is not None else pa.string(),
         passthrough_types=tuple(pt_types[c] for c in cfg.output.passthrough),
@@ -291,6 +328,8 @@ def read_shard_rows(shard: Shard, columns: Sequence[str]) -> tuple[pa.Table, lis
     columns that cannot be read come back null (those that can, ids say, keep their values).
     The table always has `shard.rows` rows."""
     path = shard.file.path
+    if shard.file.is_jsonl:
+        return _read_request_lines(shard)
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
@@ -311,6 +350,21 @@ def read_shard_rows(shard: Shard, columns: Sequence[str]) -> tuple[pa.Table, lis
         parts.append(part)
     table = pa.concat_tables(parts).slice(shard.start - first, shard.rows)
     return table, bad
+
+
+def _read_request_lines(shard: Shard) -> tuple[pa.Table, list[Unreadable]]:
+    from upg_batch.openai_batch import REQUEST_SCHEMA, read_requests
+
+    f = shard.file
+    try:
+        table = read_requests(f.path, f.key, f.line_offsets[shard.start // f.offset_every], shard.start, shard.rows)
+        if table.num_rows == shard.rows:
+            return table, []
+        problem = f"{f.path}: has {table.num_rows} of this shard's {shard.rows} lines (changed since the job was planned)"
+    except OSError as e:
+        problem = f"{f.path}: cannot be read ({_printable(e)})"
+    empty = pa.Table.from_pylist([{"custom_id": f"{f.key}:{shard.start + i + 1}"} for i in range(shard.rows)], schema=REQUEST_SCHEMA)
+    return empty, [Unreadable(0, shard.rows, problem)]
 
 
 def _read_group(pf: pq.ParquetFile, group: int, columns: list[str], rows: int) -> tuple[pa.Table, str | None]:

@@ -6,6 +6,7 @@ becomes exactly one output row, in input order: a completion, or an error row sa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -49,8 +50,8 @@ class ShardResult:
     error_examples: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-_TOP = pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32())]))
-LOGPROBS_TYPE = pa.list_(pa.struct([("token_id", pa.int32()), ("logprob", pa.float32()), ("top", _TOP)]))
+_TOP = pa.list_(pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())]))
+LOGPROBS_TYPE = pa.list_(pa.struct([("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32()), ("top", _TOP)]))
 
 
 def samples_type(logprobs: bool) -> pa.DataType:
@@ -77,16 +78,20 @@ def output_schema(id_type: pa.DataType, passthrough: Sequence[tuple[str, pa.Data
     return pa.schema(fields + [pa.field(n, t) for n, t in passthrough])
 
 
-def _logprobs_value(out: Any) -> list[dict[str, Any]] | None:
+def _logprobs_value(out: Any, text: Any) -> list[dict[str, Any]] | None:
+    """`text(token_id)`: the token's text (the engine's decoding of it alone)."""
     if out.logprobs is None:
         return None
-    return [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [{"token_id": t, "logprob": v} for t, v in lp.top]} for lp in out.logprobs]
+    return [
+        {"token_id": lp.token_id, "token": text(lp.token_id), "logprob": lp.logprob, "top": [{"token_id": t, "token": text(t), "logprob": v} for t, v in lp.top]}
+        for lp in out.logprobs
+    ]
 
 
-def _samples_value(out: Any, logprobs: bool) -> list[dict[str, Any]]:
+def _samples_value(out: Any, logprobs: bool, text: Any) -> list[dict[str, Any]]:
     samples = out.samples or [out]
     return [
-        {"completion": s.text, "finish_reason": s.finish_reason, "completion_tokens": len(s.token_ids), **({"logprobs": _logprobs_value(s)} if logprobs else {})}
+        {"completion": s.text, "finish_reason": s.finish_reason, "completion_tokens": len(s.token_ids), **({"logprobs": _logprobs_value(s, text)} if logprobs else {})}
         for s in samples
     ]
 
@@ -234,11 +239,15 @@ def prepare_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec
         return _values(table.column(name), name) if name is not None and name in names else [None] * n
 
     prompts_in, messages_in = col(cols_in.prompt), col(cols_in.messages)
+    request_errors = col("_request_error")  # OpenAI batch lines that are no request
     overrides = {c: col(c) for c in cols_in.overrides}
     prep = Prepared(table, ids, [], [None] * n, [None] * n, [0] * n, unreadable)
     for u in unreadable:
         prep.error[u.start : u.stop] = [u.message] * (u.stop - u.start)
         prep.kind[u.start : u.stop] = ["unreadable"] * (u.stop - u.start)
+    for i, e in enumerate(request_errors):
+        if e is not None and prep.kind[i] is None:
+            prep.error[i], prep.kind[i] = e, "request"
     for i in range(n):
         if prep.kind[i] is not None:
             continue
@@ -302,6 +311,7 @@ def run_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec, sa
     logprobs: list[Any] = [None] * n
     samples: list[Any] = [None] * n
     more_tokens = 0  # of samples 1..n-1, which the completion_tokens column does not count
+    token_text = functools.lru_cache(maxsize=65536)(lambda t: engine.detokenize([t]))
     t0 = time.perf_counter()
     outs = _generate(engine, prep.todo)
     generate_s = time.perf_counter() - t0
@@ -317,9 +327,9 @@ def run_rows(engine: Any, prompting: Prompting, shard: Shard, spec: WorkSpec, sa
         c_tok[i] = len(out.token_ids)
         more_tokens += sum(len(s.token_ids) for s in out.samples[1:])
         if "logprobs" in extra:
-            logprobs[i] = _logprobs_value(out)
+            logprobs[i] = _logprobs_value(out, token_text)
         if "samples" in extra:
-            samples[i] = _samples_value(out, "logprobs" in extra)
+            samples[i] = _samples_value(out, "logprobs" in extra, token_text)
         ttfts.append(out.ttft_s)
         latencies.append(out.latency_s)
 

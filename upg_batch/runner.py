@@ -101,14 +101,16 @@ class Runner:
         check_chat_template(cfg)
         plan = self.plan = make_plan(cfg)
         inputs = fingerprint_inputs(cfg, plan)
-        committer = Committer(cfg.output.path, digest_inputs(inputs), len(plan.shards), cfg.output.format, overwrite=self.overwrite, inputs=inputs)
+        committer = Committer(
+            cfg.output.path, digest_inputs(inputs), len(plan.shards), cfg.output.format, overwrite=self.overwrite, inputs=inputs, model_name=Path(cfg.model.path).name
+        )
         try:
             if committer.complete and committer.summary is not None:
                 # nothing to run: the folder holds the whole job; its stored summary answers
                 return {**committer.summary, "already_complete": True}
             skipped = sum(committer.is_committed(s.index) for s in plan.shards)
             todo = [s for s in plan.shards if not committer.is_committed(s.index)]
-            spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types)), extra_output_columns(cfg)))
+            spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(plan.columns.passthrough, plan.passthrough_types)), extra_output_columns(cfg)))
             stats = _RunStats()
             metrics = _job_metrics(cfg)
             try:

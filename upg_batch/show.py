@@ -9,6 +9,8 @@ only; so do examples of shards committed before kinds were recorded.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,14 @@ _TEXT_CHARS = 200
 def _read(path: Path, columns: list[str]) -> pa.Table:
     if path.suffix == ".parquet":
         return pq.read_table(path, columns=columns)
+    if path.suffix == ".jsonl":  # OpenAI result lines: the first choice of each answered request
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            choice = (r.get("response") or {}).get("body", {}).get("choices", [{}])[0]
+            text = choice.get("message", {}).get("content") if "message" in choice else choice.get("text")
+            rows.append({"id": r.get("custom_id"), "completion": text, "finish_reason": choice.get("finish_reason", "error"), "error": (r.get("error") or {}).get("message")})
+        return pa.Table.from_pylist(rows).select(columns) if rows else pa.table({c: [] for c in columns})
     with pa.memory_map(str(path)) as source:
         return pa.ipc.open_file(source).read_all().select(columns)
 

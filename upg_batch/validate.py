@@ -41,7 +41,7 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
     except (EngineError, OSError, ValueError) as e:
         raise ModelError(f"model.path {m.path}: the model does not load ({e})") from None
     prompting = Prompting(engine, template)
-    spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(cfg.output.passthrough, plan.passthrough_types)), extra_output_columns(cfg)))
+    spec = WorkSpec(cfg, plan.columns, output_schema(plan.id_type, list(zip(plan.columns.passthrough, plan.passthrough_types)), extra_output_columns(cfg)))
     kinds: collections.Counter[str] = collections.Counter()
     examples: list[dict[str, Any]] = []
     first: dict[str, dict[str, Any]] = {}  # the first row of each kind
