@@ -7,9 +7,11 @@
 //!     acc_l = fma(scale[l / 4] * d, L_l, acc_l)        (eight f32 lanes)
 //!     acc_min = fma(min * d, sum_j x_q, acc_min)        (formats with an offset)
 //! over the row's groups in order, and the output is lane_sum(acc) - acc_min. That order is
-//! fixed whatever the batch, tile or thread, so batch invariance holds bit for bit. The AVX2
-//! kernels take the integer sums with `maddubs`/`madd` (|w| times x signed by w); the
-//! portable kernels compute the same integers in plain Rust (NEON on aarch64).
+//! fixed whatever the batch, tile or thread, so batch invariance holds bit for bit. The x86
+//! kernels take the integer sums of |w| times x signed by w with AVX2 `maddubs`/`madd` or with
+//! one VNNI `vpdpbusd` (AVX-VNNI or AVX-512 VNNI), exact either way, so every x86 family gives
+//! the same bits; the portable kernels compute the same integers in plain Rust (NEON on
+//! aarch64).
 
 use super::portable::{lane_fma, lane_sum};
 use crate::quant::{BlockFormat, GROUP};
@@ -94,77 +96,122 @@ pub unsafe fn tile(format: WeightFormat, bytes: &[u8], row0: usize, cols: usize,
     with_block_format!(format, F => portable_of::<F>(nr, nb, w, row_bytes, cols / GROUP, acts, out, ldo))
 }
 
+/// One x86 register tile of block format `$F` with group decoder `$decode`, compiled for
+/// `$features`; `$lanes(mag, sx)` gives the eight i32 lane sums of |w| (u8) times x signed by w
+/// (s8), byte 4l..4l+3 into lane l. `$nonneg`: the decoder yields q >= 0 (Q4_K), so |w| = q
+/// and x needs no sign. The integer sums are exact in every family (`maddubs` cannot saturate:
+/// a pair is at most 2 * 128 * 127 = 32512, q8_0's -128 included, against activations of
+/// magnitude <= 127), so all x86 families give bit-identical outputs: the same integers, then
+/// the same f32 operations in the same order.
 #[cfg(target_arch = "x86_64")]
-pub mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::ActGroup;
-    use crate::backend::cpu::matmul::avx2::hsum;
-    use crate::quant::{q4_0, q4_k, q5_0, q6_k, q8_0, BlockFormat, GROUP};
-    use crate::tensor::WeightFormat;
-
-    macro_rules! avx2_tile {
-        ($name:ident, $F:ty, $decode:path) => {
-            #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $name<const R: usize, const B: usize>(w: *const u8, row_bytes: usize, groups: usize, acts: *const ActGroup, out: *mut f32, ldo: usize) {
-                let per_block = <$F>::WEIGHTS / GROUP;
-                let ones = _mm256_set1_epi16(1);
-                let mut acc = [[_mm256_setzero_ps(); B]; R];
-                let mut acc_min = [[0f32; B]; R];
-                for g in 0..groups {
-                    let offset = g / per_block * <$F>::BYTES;
-                    let mut q = [_mm256_setzero_si256(); R];
-                    let mut mag = [_mm256_setzero_si256(); R];
-                    let mut scale = [_mm256_setzero_ps(); R];
-                    let mut min = [0f32; R];
+macro_rules! x86_tile {
+    ($name:ident, $F:ty, $decode:path, $nonneg:literal, $features:literal, $lanes:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize, const B: usize>(w: *const u8, row_bytes: usize, groups: usize, acts: *const ActGroup, out: *mut f32, ldo: usize) {
+            let per_block = <$F>::WEIGHTS / GROUP;
+            let mut acc = [[_mm256_setzero_ps(); B]; R];
+            let mut acc_min = [[0f32; B]; R];
+            for g in 0..groups {
+                let offset = g / per_block * <$F>::BYTES;
+                let mut q = [_mm256_setzero_si256(); R];
+                let mut mag = [_mm256_setzero_si256(); R];
+                let mut scale = [_mm256_setzero_ps(); R];
+                let mut min = [0f32; R];
+                for r in 0..R {
+                    // The next tile's rows at this offset: one tile ahead, which hides the
+                    // memory latency that the hardware prefetchers leave (~2x at batch 1).
+                    _mm_prefetch::<_MM_HINT_T0>(w.add((r + R) * row_bytes + offset) as *const i8);
+                    (q[r], scale[r], min[r]) = $decode(w.add(r * row_bytes + offset), g % per_block);
+                    mag[r] = if $nonneg { q[r] } else { _mm256_sign_epi8(q[r], q[r]) };
+                }
+                for b in 0..B {
+                    let a = acts.add(b * groups + g);
+                    let xq = _mm256_loadu_si256((*a).q.as_ptr() as *const __m256i);
+                    let d = _mm256_set1_ps((*a).d);
                     for r in 0..R {
-                        // The next tile's rows at this offset: one tile ahead, which hides the
-                        // memory latency that the hardware prefetchers leave (~2x at batch 1).
-                        _mm_prefetch::<_MM_HINT_T0>(w.add((r + R) * row_bytes + offset) as *const i8);
-                        (q[r], scale[r], min[r]) = $decode(w.add(r * row_bytes + offset), g % per_block);
-                        mag[r] = _mm256_sign_epi8(q[r], q[r]);
-                    }
-                    for b in 0..B {
-                        let a = acts.add(b * groups + g);
-                        let xq = _mm256_loadu_si256((*a).q.as_ptr() as *const __m256i);
-                        let d = _mm256_set1_ps((*a).d);
-                        for r in 0..R {
-                            let pairs = _mm256_maddubs_epi16(mag[r], _mm256_sign_epi8(xq, q[r]));
-                            let lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                            acc[r][b] = _mm256_fmadd_ps(_mm256_mul_ps(scale[r], d), lanes, acc[r][b]);
-                            if <$F>::HAS_MIN {
-                                acc_min[r][b] = (min[r] * (*a).d).mul_add((*a).sum as f32, acc_min[r][b]);
-                            }
+                        let sx = if $nonneg { xq } else { _mm256_sign_epi8(xq, q[r]) };
+                        let lanes = _mm256_cvtepi32_ps($lanes(mag[r], sx));
+                        acc[r][b] = _mm256_fmadd_ps(_mm256_mul_ps(scale[r], d), lanes, acc[r][b]);
+                        if <$F>::HAS_MIN {
+                            acc_min[r][b] = (min[r] * (*a).d).mul_add((*a).sum as f32, acc_min[r][b]);
                         }
                     }
                 }
-                for r in 0..R {
-                    for b in 0..B {
-                        *out.add(b * ldo + r) = hsum(acc[r][b]) - acc_min[r][b];
-                    }
+            }
+            for r in 0..R {
+                for b in 0..B {
+                    *out.add(b * ldo + r) = hsum(acc[r][b]) - acc_min[r][b];
                 }
             }
-        };
-    }
-
-    avx2_tile!(tile_q8_0, q8_0::Q8_0, q8_0::avx2::group);
-    avx2_tile!(tile_q4_0, q4_0::Q4_0, q4_0::avx2::group);
-    avx2_tile!(tile_q5_0, q5_0::Q5_0, q5_0::avx2::group);
-    avx2_tile!(tile_q4_k, q4_k::Q4K, q4_k::avx2::group);
-    avx2_tile!(tile_q6_k, q6_k::Q6K, q6_k::avx2::group);
-
-    /// AVX2 tile for `format` (see `super::tile`).
-    pub unsafe fn tile(format: WeightFormat, bytes: &[u8], row0: usize, cols: usize, acts: *const ActGroup, nr: usize, nb: usize, out: *mut f32, ldo: usize) {
-        let row_bytes = format.row_bytes(cols);
-        let w = bytes.as_ptr().add(row0 * row_bytes);
-        let groups = cols / GROUP;
-        match format {
-            WeightFormat::Q8_0 => dispatch!(tile_q8_0, nr, nb, w, row_bytes, groups, acts, out, ldo),
-            WeightFormat::Q4_0 => dispatch!(tile_q4_0, nr, nb, w, row_bytes, groups, acts, out, ldo),
-            WeightFormat::Q5_0 => dispatch!(tile_q5_0, nr, nb, w, row_bytes, groups, acts, out, ldo),
-            WeightFormat::Q4K => dispatch!(tile_q4_k, nr, nb, w, row_bytes, groups, acts, out, ldo),
-            WeightFormat::Q6K => dispatch!(tile_q6_k, nr, nb, w, row_bytes, groups, acts, out, ldo),
-            other => unreachable!("{} is not a block format", other.name()),
         }
-    }
+    };
 }
+
+/// A module of x86 int8 tiles for every block format (see `x86_tile!`) and its `tile` entry.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x86_family {
+    ($(#[$doc:meta])* $module:ident, $features:literal, |$mag:ident, $sx:ident| $lanes:expr) => {
+        $(#[$doc])*
+        pub mod $module {
+            use std::arch::x86_64::*;
+
+            use super::ActGroup;
+            use crate::backend::cpu::matmul::avx2::hsum;
+            use crate::quant::{q4_0, q4_k, q5_0, q6_k, q8_0, BlockFormat, GROUP};
+            use crate::tensor::WeightFormat;
+
+            /// The eight i32 lane sums of u8 `mag` times s8 `sx`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn lanes($mag: __m256i, $sx: __m256i) -> __m256i {
+                $lanes
+            }
+
+            x86_tile!(tile_q8_0, q8_0::Q8_0, q8_0::avx2::group, false, $features, lanes);
+            x86_tile!(tile_q4_0, q4_0::Q4_0, q4_0::avx2::group, false, $features, lanes);
+            x86_tile!(tile_q5_0, q5_0::Q5_0, q5_0::avx2::group, false, $features, lanes);
+            x86_tile!(tile_q4_k, q4_k::Q4K, q4_k::avx2::group, true, $features, lanes);
+            x86_tile!(tile_q6_k, q6_k::Q6K, q6_k::avx2::group, false, $features, lanes);
+
+            /// The tile for `format` (see `super::tile`).
+            pub unsafe fn tile(format: WeightFormat, bytes: &[u8], row0: usize, cols: usize, acts: *const ActGroup, nr: usize, nb: usize, out: *mut f32, ldo: usize) {
+                let row_bytes = format.row_bytes(cols);
+                let w = bytes.as_ptr().add(row0 * row_bytes);
+                let groups = cols / GROUP;
+                match format {
+                    WeightFormat::Q8_0 => dispatch!(tile_q8_0, nr, nb, w, row_bytes, groups, acts, out, ldo),
+                    WeightFormat::Q4_0 => dispatch!(tile_q4_0, nr, nb, w, row_bytes, groups, acts, out, ldo),
+                    WeightFormat::Q5_0 => dispatch!(tile_q5_0, nr, nb, w, row_bytes, groups, acts, out, ldo),
+                    WeightFormat::Q4K => dispatch!(tile_q4_k, nr, nb, w, row_bytes, groups, acts, out, ldo),
+                    WeightFormat::Q6K => dispatch!(tile_q6_k, nr, nb, w, row_bytes, groups, acts, out, ldo),
+                    other => unreachable!("{} is not a block format", other.name()),
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+x86_family!(
+    /// AVX2: pairs of products with `maddubs` (to i16), then pairs of pairs with `madd`.
+    avx2,
+    "avx2,fma,f16c",
+    |mag, sx| _mm256_madd_epi16(_mm256_maddubs_epi16(mag, sx), _mm256_set1_epi16(1))
+);
+
+#[cfg(target_arch = "x86_64")]
+x86_family!(
+    /// AVX-VNNI (VEX `vpdpbusd`): the four products of a lane summed in one instruction.
+    avx_vnni,
+    "avx2,fma,f16c,avxvnni",
+    |mag, sx| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), mag, sx)
+);
+
+#[cfg(target_arch = "x86_64")]
+x86_family!(
+    /// AVX-512 VNNI on 256-bit registers (EVEX `vpdpbusd`), for processors with AVX-512 VNNI
+    /// but not AVX-VNNI (Cascade Lake, Ice Lake, Zen 4).
+    avx512_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    |mag, sx| _mm256_dpbusd_epi32(_mm256_setzero_si256(), mag, sx)
+);
