@@ -1,5 +1,5 @@
-"""The VNNI kernel families (int8 products of block formats with one `vpdpbusd` per group)
-against the plain AVX2 family on the same processor, forced in turn with UPG_BATCH_SIMD: both
+"""The VNNI kernel families (int8 products of block formats with `vpdpbusd`, on 256-bit or
+512-bit registers) against the plain AVX2 family on the same processor, forced in turn with UPG_BATCH_SIMD: both
 take exact integer sums, so logits and greedy tokens must be bit-identical for every block
 format, batched or alone. The kernel choice is made once per process, so each family runs in
 its own subprocess. On a processor without VNNI (or without AVX2) the test is skipped and says
@@ -24,6 +24,7 @@ AVX2 = "avx2+fma+f16c"
 VNNI = {
     "avx-vnni": (("avx2", "fma", "f16c", "avx_vnni"), AVX2 + "+avx-vnni"),
     "avx512-vnni": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"), AVX2 + "+avx512-vnni"),
+    "avx512-vnni-zmm": (("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"), AVX2 + "+avx512-vnni-zmm"),
 }
 
 CHECK = r"""

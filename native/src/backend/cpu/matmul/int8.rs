@@ -215,3 +215,152 @@ x86_family!(
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     |mag, sx| _mm256_dpbusd_epi32(_mm256_setzero_si256(), mag, sx)
 );
+
+/// AVX-512 VNNI on 512-bit registers, two (weight row, batch row) pairs per instruction. Batched (B > 1) the halves of a register hold two batch rows against one weight
+/// row; at B = 1 two weight rows against the row of x. Each half computes exactly what the
+/// 256-bit tiles compute for its pair (the same exact integer lane sums from `vpdpbusd`, the
+/// same f32 multiply, fused multiply-add and horizontal sum in the same order), so this family
+/// gives the AVX2 family's bits too. Odd tiles pair the last row with itself and drop the copy.
+/// Not chosen automatically: on the Xeon this was measured on it is no faster than the 256-bit
+/// VNNI tiles (port 1's vector units are off while 512-bit instructions run, and the kernel is
+/// bound by all its vector instructions, decoding and f32 conversion included, not by
+/// `vpdpbusd`); `UPG_BATCH_SIMD=avx512-vnni-zmm` selects it.
+#[cfg(target_arch = "x86_64")]
+pub mod avx512_vnni_zmm {
+    use std::arch::x86_64::*;
+
+    use super::ActGroup;
+    use crate::backend::cpu::matmul::avx2::hsum;
+    use crate::quant::{q4_0, q4_k, q5_0, q6_k, q8_0, BlockFormat, GROUP};
+    use crate::tensor::WeightFormat;
+
+    /// The 512-bit register with `lo` in the low half and `hi` in the high half.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn join_i(lo: __m256i, hi: __m256i) -> __m512i {
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn join_f(lo: __m256, hi: __m256) -> __m512 {
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi)))
+    }
+
+    /// The low (h = 0) or high half of `v`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn half(v: __m512, h: usize) -> __m256 {
+        if h == 0 {
+            _mm512_castps512_ps256(v)
+        } else {
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+        }
+    }
+
+    /// Lane sums of |w| (`mag`) times x signed by w (w < 0 where `neg`): exact i32, as f32.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn lanes(mag: __m512i, neg: __mmask64, x: __m512i, nonneg: bool) -> __m512 {
+        let sx = if nonneg { x } else { _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x) };
+        _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), mag, sx))
+    }
+
+    macro_rules! avx512_tile {
+        ($name:ident, $F:ty, $decode:path, $nonneg:literal) => {
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            unsafe fn $name<const R: usize, const B: usize>(w: *const u8, row_bytes: usize, groups: usize, acts: *const ActGroup, out: *mut f32, ldo: usize) {
+                let per_block = <$F>::WEIGHTS / GROUP;
+                // acc[r][p]: batch rows 2p, 2p + 1 of weight row r (B > 1); acc[p][0]: weight
+                // rows 2p, 2p + 1 (B = 1).
+                let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                let mut acc_min = [[0f32; B]; R];
+                for g in 0..groups {
+                    let offset = g / per_block * <$F>::BYTES;
+                    for r in 0..R {
+                        // The next tile's rows at this offset (see the 256-bit tiles).
+                        _mm_prefetch::<_MM_HINT_T0>(w.add((r + R) * row_bytes + offset) as *const i8);
+                    }
+                    if B == 1 {
+                        let a = acts.add(g);
+                        let xq = _mm256_loadu_si256((*a).q.as_ptr() as *const __m256i);
+                        let x = join_i(xq, xq);
+                        let d = _mm512_set1_ps((*a).d);
+                        for p in 0..R.div_ceil(2) {
+                            let (r0, r1) = (2 * p, (2 * p + 1).min(R - 1));
+                            let (q0, s0, m0) = $decode(w.add(r0 * row_bytes + offset), g % per_block);
+                            let (q1, s1, m1) = $decode(w.add(r1 * row_bytes + offset), g % per_block);
+                            let q = join_i(q0, q1);
+                            let mag = if $nonneg { q } else { _mm512_abs_epi8(q) };
+                            let l = lanes(mag, _mm512_movepi8_mask(q), x, $nonneg);
+                            acc[p][0] = _mm512_fmadd_ps(_mm512_mul_ps(join_f(s0, s1), d), l, acc[p][0]);
+                            if <$F>::HAS_MIN {
+                                acc_min[r0][0] = (m0 * (*a).d).mul_add((*a).sum as f32, acc_min[r0][0]);
+                                if r1 != r0 {
+                                    acc_min[r1][0] = (m1 * (*a).d).mul_add((*a).sum as f32, acc_min[r1][0]);
+                                }
+                            }
+                        }
+                    } else {
+                        let mut mag = [_mm512_setzero_si512(); R];
+                        let mut neg = [0 as __mmask64; R];
+                        let mut scale = [_mm512_setzero_ps(); R];
+                        let mut min = [0f32; R];
+                        for r in 0..R {
+                            let (q, s, m) = $decode(w.add(r * row_bytes + offset), g % per_block);
+                            let q = join_i(q, q);
+                            mag[r] = if $nonneg { q } else { _mm512_abs_epi8(q) };
+                            neg[r] = _mm512_movepi8_mask(q);
+                            scale[r] = join_f(s, s);
+                            min[r] = m;
+                        }
+                        for p in 0..B.div_ceil(2) {
+                            let (a0, a1) = (acts.add(2 * p * groups + g), acts.add((2 * p + 1).min(B - 1) * groups + g));
+                            let x = join_i(_mm256_loadu_si256((*a0).q.as_ptr() as *const __m256i), _mm256_loadu_si256((*a1).q.as_ptr() as *const __m256i));
+                            let d = join_f(_mm256_set1_ps((*a0).d), _mm256_set1_ps((*a1).d));
+                            for r in 0..R {
+                                let l = lanes(mag[r], neg[r], x, $nonneg);
+                                acc[r][p] = _mm512_fmadd_ps(_mm512_mul_ps(scale[r], d), l, acc[r][p]);
+                            }
+                        }
+                        if <$F>::HAS_MIN {
+                            for b in 0..B {
+                                let a = acts.add(b * groups + g);
+                                for r in 0..R {
+                                    acc_min[r][b] = (min[r] * (*a).d).mul_add((*a).sum as f32, acc_min[r][b]);
+                                }
+                            }
+                        }
+                    }
+                }
+                for r in 0..R {
+                    for b in 0..B {
+                        let v = if B == 1 { half(acc[r / 2][0], r % 2) } else { half(acc[r][b / 2], b % 2) };
+                        *out.add(b * ldo + r) = hsum(v) - acc_min[r][b];
+                    }
+                }
+            }
+        };
+    }
+
+    avx512_tile!(tile_q8_0, q8_0::Q8_0, q8_0::avx2::group, false);
+    avx512_tile!(tile_q4_0, q4_0::Q4_0, q4_0::avx2::group, false);
+    avx512_tile!(tile_q5_0, q5_0::Q5_0, q5_0::avx2::group, false);
+    avx512_tile!(tile_q4_k, q4_k::Q4K, q4_k::avx2::group, true);
+    avx512_tile!(tile_q6_k, q6_k::Q6K, q6_k::avx2::group, false);
+
+    /// The tile for `format` (see `super::tile`).
+    pub unsafe fn tile(format: WeightFormat, bytes: &[u8], row0: usize, cols: usize, acts: *const ActGroup, nr: usize, nb: usize, out: *mut f32, ldo: usize) {
+        let row_bytes = format.row_bytes(cols);
+        let w = bytes.as_ptr().add(row0 * row_bytes);
+        let groups = cols / GROUP;
+        match format {
+            WeightFormat::Q8_0 => dispatch!(tile_q8_0, nr, nb, w, row_bytes, groups, acts, out, ldo),
+            WeightFormat::Q4_0 => dispatch!(tile_q4_0, nr, nb, w, row_bytes, groups, acts, out, ldo),
+            WeightFormat::Q5_0 => dispatch!(tile_q5_0, nr, nb, w, row_bytes, groups, acts, out, ldo),
+            WeightFormat::Q4K => dispatch!(tile_q4_k, nr, nb, w, row_bytes, groups, acts, out, ldo),
+            WeightFormat::Q6K => dispatch!(tile_q6_k, nr, nb, w, row_bytes, groups, acts, out, ldo),
+            other => unreachable!("{} is not a block format", other.name()),
+        }
+    }
+}
