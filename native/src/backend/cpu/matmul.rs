@@ -204,12 +204,15 @@ enum Simd {
 }
 
 impl Simd {
-    /// Every family, best first; the 512-bit one last, taken only when named.
+    /// Every family, best first; the 512-bit one last, taken only when named. AVX-512 VNNI on
+    /// 256-bit registers beats AVX-VNNI where both exist: the same instruction, but EVEX code
+    /// has 32 vector registers, so the tiles keep more in registers (~3-8% at batch >= 8,
+    /// Q4_K more; `docs/benchmarks.md`).
     const ALL: &'static [Simd] = &[
         #[cfg(target_arch = "x86_64")]
-        Simd::AvxVnni,
-        #[cfg(target_arch = "x86_64")]
         Simd::Avx512Vnni,
+        #[cfg(target_arch = "x86_64")]
+        Simd::AvxVnni,
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2,
         Simd::Portable,
@@ -269,8 +272,8 @@ impl Simd {
     }
 }
 
-/// The kernel family for this process: the best one the processor has (AVX-VNNI, then
-/// AVX-512 VNNI, then AVX2, then plain Rust), unless `UPG_BATCH_SIMD` names one (`portable`,
+/// The kernel family for this process: the best one the processor has (AVX-512 VNNI, then
+/// AVX-VNNI, then AVX2, then plain Rust), unless `UPG_BATCH_SIMD` names one (`portable`,
 /// `avx2`, `avx-vnni`, `avx512-vnni`, `avx512-vnni-zmm`, or a full `info["simd"]` name) to
 /// test or compare them.
 /// A named family this processor lacks falls back to the best one it has, with a warning.
@@ -414,11 +417,11 @@ mod tests {
             let avx2 = has!("avx2") && has!("fma") && has!("f16c");
             let avx512 = avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni");
             let mut want = Vec::new();
-            if avx2 && has!("avxvnni") {
-                want.push(Simd::AvxVnni);
-            }
             if avx512 {
                 want.push(Simd::Avx512Vnni);
+            }
+            if avx2 && has!("avxvnni") {
+                want.push(Simd::AvxVnni);
             }
             if avx2 {
                 want.push(Simd::Avx2);

@@ -209,8 +209,9 @@ x86_family!(
 
 #[cfg(target_arch = "x86_64")]
 x86_family!(
-    /// AVX-512 VNNI on 256-bit registers (EVEX `vpdpbusd`), for processors with AVX-512 VNNI
-    /// but not AVX-VNNI (Cascade Lake, Ice Lake, Zen 4).
+    /// AVX-512 VNNI on 256-bit registers (EVEX `vpdpbusd`; Cascade Lake, Ice Lake, Sapphire
+    /// Rapids and later, Zen 4 and 5). Preferred to AVX-VNNI where both exist: EVEX code may
+    /// use 32 vector registers.
     avx512_vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     |mag, sx| _mm256_dpbusd_epi32(_mm256_setzero_si256(), mag, sx)
