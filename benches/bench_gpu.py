@@ -52,7 +52,7 @@ def run_engine(model_dir: Path, args: argparse.Namespace, fused: bool, ceiling: 
         prompts = [rng.integers(2, vocab, args.prompt_len).tolist() for _ in range(b)]
         timed_generate(eng, prompts, 2)  # the workspace for this batch size
         before = eng.info["gpu_profile"]
-        _, t_decode = timed_generate(eng, prompts, 1 + args.decode_tokens)
+        _, t_decode, _ = timed_generate(eng, prompts, 1 + args.decode_tokens)
         tps = b * args.decode_tokens / max(t_decode, 1e-9)
         results[f"decode_batch_{b}"] = {
             "tokens_per_s": round(tps, 2),
@@ -62,7 +62,7 @@ def run_engine(model_dir: Path, args: argparse.Namespace, fused: bool, ceiling: 
     prompt = [rng.integers(2, vocab, args.prefill_len).tolist()]
     timed_generate(eng, prompt, 1)
     before = eng.info["gpu_profile"]
-    t, _ = timed_generate(eng, prompt, 1)
+    t, _, _ = timed_generate(eng, prompt, 1)
     results["prefill"] = {"tokens_per_s": round(args.prefill_len / t, 2), **profile_delta(eng, before)}
     info = eng.info
     return {"fused": fused, "adapter": info["adapter"], "api": info["gpu_api"], "results": results}

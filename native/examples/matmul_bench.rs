@@ -3,7 +3,8 @@
 //! (format: f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k). Products cycle over copies of the
 //! weights larger than the caches together, so batch 1 streams from memory as decode does.
 //! Also prints GFLOP per CPU-second (process CPU time), which stays meaningful on a busy
-//! machine where wall time does not.
+//! machine where wall time does not. The kernel family is the engine's (printed first);
+//! `UPG_BATCH_SIMD=avx2` (or `avx-vnni`, `avx512-vnni`, `portable`) forces one to compare.
 
 use std::time::Instant;
 
@@ -46,6 +47,7 @@ fn main() {
     let format = WeightFormat::parse(&name).expect("a weight format");
     let (per_block, block_bytes) = format.block();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    println!("simd {}, {threads} threads", upg_batch_native::backend::cpu::matmul::simd_name());
     for &(rows, cols) in &[(5632usize, 2048usize), (2048, 5632)] {
         let values: Vec<f32> = (0..rows * cols).map(|i| (((i * 7919) % 13) as f32 - 6.0) * 0.01).collect();
         let bytes = rows * cols / per_block * block_bytes;

@@ -61,6 +61,9 @@ const PORTABLE_TILE_BATCH: usize = 2;
 /// 2 x 4 (8 accumulators beside 2 decoded groups, their magnitudes and scales).
 const INT8_TILE_SINGLE: (usize, usize) = (4, 1);
 const INT8_TILE: (usize, usize) = (2, 4);
+/// 512-bit int8 tiles, batched: 4 weight rows x 2 pairs of batch rows (8 of the 32 registers;
+/// 2 x 4 measured ~10% slower).
+const INT8_TILE_ZMM: (usize, usize) = (4, 4);
 const INT8_PORTABLE_TILE: (usize, usize) = (4, 2);
 /// f32-activation tiles: each decoded weight row holds 4 vectors of 8 lanes, so 2 rows.
 const F32ACTS_TILE_SINGLE: (usize, usize) = (2, 1);
@@ -108,7 +111,7 @@ fn matmul_using(kernels: Simd, acts: BlockActs, w: WeightView<'_>, rows: usize, 
     if let (WeightView::Blocks(format, bytes), BlockActs::F32) = (w, acts) {
         let tile: TileFn<f32> = match kernels {
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => f32acts::avx2::tile,
+            Simd::Avx2 | Simd::AvxVnni | Simd::Avx512Vnni | Simd::Avx512VnniZmm => f32acts::avx2::tile,
             Simd::Portable => f32acts::tile,
         };
         let shape = if batch == 1 { F32ACTS_TILE_SINGLE } else { F32ACTS_TILE };
@@ -117,9 +120,17 @@ fn matmul_using(kernels: Simd, acts: BlockActs, w: WeightView<'_>, rows: usize, 
     }
     if let WeightView::Blocks(format, bytes) = w {
         let acts = int8::quantize_acts(x, cols);
+        #[cfg(target_arch = "x86_64")]
+        let x86_shape = if batch == 1 { INT8_TILE_SINGLE } else { INT8_TILE };
         let (tile, (tile_rows, tile_batch)): (TileFn<int8::ActGroup>, _) = match kernels {
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx2 => (int8::avx2::tile, if batch == 1 { INT8_TILE_SINGLE } else { INT8_TILE }),
+            Simd::Avx2 => (int8::avx2::tile, x86_shape),
+            #[cfg(target_arch = "x86_64")]
+            Simd::AvxVnni => (int8::avx_vnni::tile, x86_shape),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512Vnni => (int8::avx512_vnni::tile, x86_shape),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512VnniZmm => (int8::avx512_vnni_zmm::tile, if batch == 1 { INT8_TILE_SINGLE } else { INT8_TILE_ZMM }),
             Simd::Portable => (int8::tile, INT8_PORTABLE_TILE),
         };
         // The tiles index activations by group: a batch row is cols / 32 of them.
@@ -128,7 +139,7 @@ fn matmul_using(kernels: Simd, acts: BlockActs, w: WeightView<'_>, rows: usize, 
     }
     let (tile, tile_rows, tile_batch): (FloatTile, usize, usize) = match kernels {
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => (avx2::tile, if batch == 1 { TILE_ROWS_SINGLE } else { TILE_ROWS }, TILE_BATCH),
+        Simd::Avx2 | Simd::AvxVnni | Simd::Avx512Vnni | Simd::Avx512VnniZmm => (avx2::tile, if batch == 1 { TILE_ROWS_SINGLE } else { TILE_ROWS }, TILE_BATCH),
         Simd::Portable => (portable::tile, PORTABLE_TILE_ROWS, PORTABLE_TILE_BATCH),
     };
     let run = |start, end| unsafe { row_range(|r, b, nr, nb, o| tile(w, r, cols, x.as_ptr().add(b * cols), nr, nb, o, rows), rows, batch, start, end, (tile_rows, tile_batch), ptr) };
@@ -172,25 +183,122 @@ unsafe fn row_range(tile: impl Fn(usize, usize, usize, usize, *mut f32), rows: u
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// A kernel family. The VNNI families differ from AVX2 only in the int8 products of block
+/// formats (one `vpdpbusd` per group for `maddubs` + `madd`) and give the same bits; float
+/// weights and f32 activations take the AVX2 kernels in all three.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Simd {
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 + AVX-VNNI (VEX `vpdpbusd` on 256-bit registers).
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
+    /// AVX2 + AVX-512 VNNI (EVEX `vpdpbusd` on 256-bit registers).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+    /// AVX2 + AVX-512 VNNI on 512-bit registers: two (weight row, batch row) pairs per
+    /// `vpdpbusd`, each half computing what the 256-bit tiles compute. Only when asked for.
+    #[cfg(target_arch = "x86_64")]
+    Avx512VnniZmm,
     Portable,
 }
 
-/// The kernel family for this process: AVX2 where the processor has it, unless
-/// `UPG_BATCH_SIMD=portable` asks for the plain-Rust kernels (to test or compare them).
+impl Simd {
+    /// Every family, best first; the 512-bit one last, taken only when named. AVX-512 VNNI on
+    /// 256-bit registers beats AVX-VNNI where both exist: the same instruction, but EVEX code
+    /// has 32 vector registers, so the tiles keep more in registers (~3-8% at batch >= 8,
+    /// Q4_K more; `docs/benchmarks.md`).
+    const ALL: &'static [Simd] = &[
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512Vnni,
+        #[cfg(target_arch = "x86_64")]
+        Simd::AvxVnni,
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2,
+        Simd::Portable,
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512VnniZmm,
+    ];
+
+    /// What `info["simd"]` says, and the value of `UPG_BATCH_SIMD` that forces it.
+    fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => "avx2+fma+f16c",
+            #[cfg(target_arch = "x86_64")]
+            Simd::AvxVnni => "avx2+fma+f16c+avx-vnni",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512Vnni => "avx2+fma+f16c+avx512-vnni",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512VnniZmm => "avx2+fma+f16c+avx512-vnni-zmm",
+            Simd::Portable => "portable",
+        }
+    }
+
+    /// The short names `UPG_BATCH_SIMD` also takes.
+    fn short_name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Simd::AvxVnni => "avx-vnni",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512Vnni => "avx512-vnni",
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512VnniZmm => "avx512-vnni-zmm",
+            Simd::Portable => "portable",
+        }
+    }
+
+    /// Whether this processor runs the family (checked at run time).
+    fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => avx2::available(),
+            #[cfg(target_arch = "x86_64")]
+            Simd::AvxVnni => avx2::available() && std::arch::is_x86_feature_detected!("avxvnni"),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512Vnni | Simd::Avx512VnniZmm => {
+                use std::arch::is_x86_feature_detected as has;
+                avx2::available() && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
+            }
+            Simd::Portable => true,
+        }
+    }
+
+    /// The families this processor runs, best first.
+    fn available_families() -> Vec<Simd> {
+        Simd::ALL.iter().copied().filter(|f| f.available()).collect()
+    }
+}
+
+/// The kernel family for this process: the best one the processor has (AVX-512 VNNI, then
+/// AVX-VNNI, then AVX2, then plain Rust), unless `UPG_BATCH_SIMD` names one (`portable`,
+/// `avx2`, `avx-vnni`, `avx512-vnni`, `avx512-vnni-zmm`, or a full `info["simd"]` name) to
+/// test or compare them.
+/// A named family this processor lacks falls back to the best one it has, with a warning.
 fn simd() -> Simd {
     static CHOICE: OnceLock<Simd> = OnceLock::new();
     *CHOICE.get_or_init(|| {
-        let forced = std::env::var("UPG_BATCH_SIMD").map(|v| v == "portable").unwrap_or(false);
-        #[cfg(target_arch = "x86_64")]
-        if !forced && avx2::available() {
-            return Simd::Avx2;
+        let best = Simd::available_families()[0];
+        debug_assert_ne!(best.short_name(), "avx512-vnni-zmm");
+        let Ok(wanted) = std::env::var("UPG_BATCH_SIMD") else { return best };
+        let wanted = wanted.trim().to_ascii_lowercase();
+        if wanted.is_empty() {
+            return best;
         }
-        let _ = forced;
-        Simd::Portable
+        match Simd::ALL.iter().find(|f| f.short_name() == wanted || f.name() == wanted) {
+            Some(&f) if f.available() => f,
+            Some(_) => {
+                eprintln!("upg-batch: UPG_BATCH_SIMD={wanted}: this processor lacks it; using {}", best.name());
+                best
+            }
+            None => {
+                let names: Vec<_> = Simd::ALL.iter().map(|f| f.short_name()).collect();
+                eprintln!("upg-batch: UPG_BATCH_SIMD={wanted} is not one of {}; using {}", names.join(", "), best.name());
+                best
+            }
+        }
     })
 }
 
@@ -280,11 +388,7 @@ mod tests {
         let acts = int8::quantize_acts(&x, cols);
         let xq: Vec<f64> = acts.iter().flat_map(|a| a.q.iter().map(move |&q| a.d as f64 * q as f64)).collect();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        let mut families = vec![Simd::Portable];
-        #[cfg(target_arch = "x86_64")]
-        if avx2::available() {
-            families.push(Simd::Avx2);
-        }
+        let families = Simd::available_families();
         for format in [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q5_0, WeightFormat::Q4K, WeightFormat::Q6K] {
             let bytes = crate::with_block_format!(format, F => crate::quant::quantize::<F>(&values));
             let w = WeightView::Blocks(format, &bytes);
@@ -303,6 +407,106 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The families this processor has, by the CPUID flags read independently of `Simd`.
+    fn expected_families() -> Vec<Simd> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            let avx512 = avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni");
+            let mut want = Vec::new();
+            if avx512 {
+                want.push(Simd::Avx512Vnni);
+            }
+            if avx2 && has!("avxvnni") {
+                want.push(Simd::AvxVnni);
+            }
+            if avx2 {
+                want.push(Simd::Avx2);
+            }
+            want.push(Simd::Portable);
+            if avx512 {
+                want.push(Simd::Avx512VnniZmm);
+            }
+            want
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        vec![Simd::Portable]
+    }
+
+    /// The VNNI families (one `vpdpbusd` per group) against AVX2 (`maddubs` + `madd`): both
+    /// take exact integer sums, so every output must be bit-identical, for every block format,
+    /// ragged tiles (rows not a multiple of the tile, batches 1..9 and 33), several threads,
+    /// extreme groups (q8_0 weights of -128 and 127 against activations of +-127, where a
+    /// `maddubs` pair reaches 32512) and each row alone. On a processor without VNNI this
+    /// checks AVX2 alone and says so on stderr (`cargo test -- --nocapture` shows it).
+    #[test]
+    fn vnni_int8_kernels_are_bit_identical_to_avx2() {
+        use crate::tensor::WeightFormat;
+        let families = Simd::available_families();
+        assert_eq!(families, expected_families(), "the families this processor has");
+        let vnni: Vec<Simd> = families.iter().copied().filter(|f| f.name().contains("vnni")).collect();
+        eprintln!("int8 families on this processor: {:?}", families.iter().map(|f| f.name()).collect::<Vec<_>>());
+        #[cfg(target_arch = "x86_64")]
+        if !families.contains(&Simd::Avx2) {
+            eprintln!("no AVX2 here: nothing to compare");
+            return;
+        }
+        if vnni.is_empty() {
+            eprintln!("no VNNI on this processor: this test covers only the AVX2 family here");
+        }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let mut compared = 0;
+        for (i, &(rows, cols, batch)) in [(1, 256, 1), (7, 256, 9), (29, 512, 7), (64, 1024, 33), (5, 768, 2), (130, 256, 4)].iter().enumerate() {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(40 + i as u64);
+            let mut values = random(rows * cols, &mut rng);
+            let mut x = random(batch * cols, &mut rng);
+            if i == 2 {
+                // Extreme groups: weights at +-max so q8_0 holds 127 and, written below, -128.
+                for v in values.iter_mut().take(64) {
+                    *v = if *v < 0.0 { -1.0 } else { 1.0 };
+                }
+                for v in x.iter_mut().take(64) {
+                    *v = if *v < 0.0 { -1.0 } else { 1.0 };
+                }
+            }
+            for format in [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q5_0, WeightFormat::Q4K, WeightFormat::Q6K] {
+                let mut bytes = crate::with_block_format!(format, F => crate::quant::quantize::<F>(&values));
+                if i == 2 && format == WeightFormat::Q8_0 {
+                    // The quantizer never writes -128; a GGUF file may. First block of row 0.
+                    for j in 0..32 {
+                        if bytes[2 + j] as i8 == -127 {
+                            bytes[2 + j] = -128i8 as u8;
+                        }
+                    }
+                }
+                let w = WeightView::Blocks(format, &bytes);
+                let run = |family: Simd, x: &[f32], batch: usize| {
+                    let mut out = vec![0f32; batch * rows];
+                    pool.install(|| matmul_using(family, BlockActs::Int8, w, rows, cols, x, batch, &mut out));
+                    out
+                };
+                #[cfg(target_arch = "x86_64")]
+                let want = run(Simd::Avx2, &x, batch);
+                #[cfg(not(target_arch = "x86_64"))]
+                let want = run(Simd::Portable, &x, batch);
+                for &family in &vnni {
+                    let got = run(family, &x, batch);
+                    for (k, (p, q)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(p.to_bits(), q.to_bits(), "{} {} ({rows}x{cols}, batch {batch}) element {k}: {p} vs AVX2 {q}", family.name(), format.name());
+                    }
+                    for b in [0, batch / 2, batch - 1] {
+                        let alone = run(family, &x[b * cols..(b + 1) * cols], 1);
+                        assert!(alone.iter().zip(&want[b * rows..(b + 1) * rows]).all(|(p, q)| p.to_bits() == q.to_bits()), "{} {}: row {b} alone differs", family.name(), format.name());
+                    }
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, 6 * 5 * vnni.len());
+        eprintln!("compared {} VNNI families bit for bit against AVX2 on {compared} (shape, format) cases", vnni.len());
     }
 
     /// f32 activations on every kernel family: each output equals the exact product of the
@@ -367,9 +571,5 @@ mod tests {
 
 /// Which matrix-product path this process runs.
 pub fn simd_name() -> &'static str {
-    match simd() {
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => "avx2+fma+f16c",
-        Simd::Portable => "portable",
-    }
+    simd().name()
 }
