@@ -443,3 +443,58 @@ def test_an_output_path_that_is_a_file_is_named(tmp_path: Path, sub: str):
     f.write_text("a file")
     with pytest.raises(OutputError, match=f"output.path {f / sub if sub else f}: {f} is a file, not a folder"):
         Committer(f / sub if sub else f, FP, 1, "arrow")
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL inside a commit: nothing after it runs, no cleanup handler counts."""
+
+
+@pytest.mark.parametrize("stage", ["before_rename", "before_log_line", "mid_line"])
+def test_a_fault_injected_inside_a_commit_leaves_no_duplicate_and_no_orphan(tmp_path: Path, monkeypatch, stage: str):
+    """The real commit path, interrupted at each of its steps: after the temporary file is
+    written (before its rename), after the rename (before the log line), and in the middle of
+    writing the log line. A resumed run commits every shard exactly once and leaves only
+    committed part files."""
+    out = tmp_path / "out"
+    c = Committer(out, FP, 3, "arrow")
+    _commit(c, 0, [0, 1])
+    real_replace, real_write = os.replace, os.write
+
+    def replace(src, dst):
+        if stage == "before_rename" and str(dst).endswith("part-000001.arrow"):
+            raise _Killed()
+        return real_replace(src, dst)
+
+    def write(fd, data):
+        if b'"shard":1' in bytes(data):
+            if stage == "before_log_line":
+                raise _Killed()
+            if stage == "mid_line":
+                real_write(fd, bytes(data)[: len(data) // 2])  # half the line reaches the disk
+                raise _Killed()
+        return real_write(fd, data)
+
+    monkeypatch.setattr(commit_mod.os, "replace", replace)
+    monkeypatch.setattr("upg_batch.manifest.os.write", write)
+    with pytest.raises(_Killed):
+        _commit(c, 1, [2, 3])
+    monkeypatch.undo()
+    _crash(c)
+    if stage == "before_rename":  # the commit's own cleanup removed its temporary file; a SIGKILL would not
+        (out / f".tmp-part-000001.arrow.{os.getpid()}").write_bytes(b"whole but never renamed")
+    leftovers = sorted(os.listdir(out))
+    if stage == "before_rename":
+        assert "part-000001.arrow" not in leftovers
+    else:
+        assert "part-000001.arrow" in leftovers  # renamed into place but not (wholly) recorded
+    assert set(read_committed(out)["shards"]) == {"0"}  # readers see only shard 0 committed
+
+    c = Committer(out, FP, 3, "arrow")  # the resumed run
+    assert c.is_committed(0) and not c.is_committed(1)
+    assert sorted(os.listdir(out)) == sorted(n for n in [LOCK, LOG, MANIFEST, "part-000000.arrow"] if (out / n).exists())
+    _commit(c, 1, [2, 3])
+    _commit(c, 2, [4])
+    c.finish({"status": "complete"})
+    c.close()
+    assert _ids(out) == [0, 1, 2, 3, 4]  # exactly once
+    assert output_files(out) == sorted([LOCK, MANIFEST, SUCCESS, "part-000000.arrow", "part-000001.arrow", "part-000002.arrow"])
