@@ -103,3 +103,30 @@ def test_the_hf_folder_and_the_gguf_file_compute_the_same_logits(hf_folder: Path
         assert np.abs(a - b).max() < 1e-3, (case["prompt"], float(np.abs(a - b).max()))
         top = np.take_along_axis(a.astype(np.float64), np.asarray(case["prefill_top_ids"]), axis=1)
         assert np.abs(top - np.asarray(case["prefill_top_logits"])).max() < 1e-3, case["prompt"]
+
+
+def test_quantize_writes_the_gemma3_folder_back_as_a_gguf_that_computes_the_same(hf_folder: Path, gguf_path: Path, tmp_path: Path) -> None:
+    """`upg-batch quantize` on a Gemma3ForCausalLM folder: the norms stored as 1 + w, the
+    SentencePiece-style vocabulary with scores, types and merges, the gemma3 metadata. At f32
+    the file computes the folder's logits; at q8_0 the folder's logits at q8_0; its tokenizer
+    is the original file's."""
+    from upg_batch.quantize import quantize
+
+    f32 = tmp_path / "gemma-f32.gguf"
+    summary = quantize(hf_folder, f32, "f32")
+    assert summary.architecture == "gemma3" and summary.fallbacks == []
+    written, original = Engine(f32, max_batch=2, context=128), Engine(gguf_path, max_batch=2, context=128)
+    folder = Engine(hf_folder, weights="f32", max_batch=2, context=128)
+    assert written.info["eos_token_ids"] == [1, 106] and written.info["bos_token_id"] == 2
+    texts = [c["prompt"] for c in GOLDEN["cases"]] + [
+        "<start_of_turn>user\nWhy is the sky blue?<end_of_turn>\n<start_of_turn>model\n",
+        "  two  spaces, tabs\tand\nnew lines", "café naïve 日本語 🙂 <unused0>", "",
+    ]
+    for t in texts:
+        assert written.tokenize(t) == original.tokenize(t), t
+    ids = GOLDEN["cases"][0]["prompt_ids"]
+    assert np.array_equal(written.logits(ids), folder.logits(ids))
+    del written, folder
+    q8 = tmp_path / "gemma-q8_0.gguf"
+    quantize(hf_folder, q8, "q8_0")
+    assert np.array_equal(Engine(q8, max_batch=2, context=128).logits(ids), Engine(hf_folder, weights="q8_0", max_batch=2, context=128).logits(ids))

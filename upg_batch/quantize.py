@@ -36,7 +36,15 @@ __all__ = ["DEFAULT_FORMAT", "FORMATS", "QuantizeError", "QuantizeSummary", "per
 FORMATS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q4_k", "q6_k", "q4_k_m")
 DEFAULT_FORMAT = "q4_k_m"
 # Hugging Face architecture -> GGUF architecture
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Gemma3ForCausalLM": "gemma3"}
+# Gemma 3's extra per-layer tensors and its names for the norms around attention and MLP
+_GEMMA3_LAYER_NAMES = {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
 # safetensors dtype -> the engine's name for it
 _DTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
 # the Hugging Face name of each GGUF tensor of a layer
@@ -213,6 +221,7 @@ class _Config:
     qkv_bias: bool
     o_bias: bool
     rope: dict[str, Any] | None  # the rope section when scaled
+    sliding_window: int = 0  # Gemma 3's local layers
 
 
 def _config(model_dir: Path) -> _Config:
@@ -222,9 +231,7 @@ def _config(model_dir: Path) -> _Config:
     arch = archs[0] if isinstance(archs, list) and len(archs) == 1 else None
     if arch not in ARCHITECTURES:
         supported = ", ".join(ARCHITECTURES)
-        raise QuantizeError(
-            f"{path}: architectures {archs!r} cannot be quantized (supported: {supported}; Gemma3ForCausalLM GGUF files load, but are not written)"
-        )
+        raise QuantizeError(f"{path}: architectures {archs!r} cannot be quantized (supported: {supported})")
 
     def num(key: str, default: Any = None, kind: type = int) -> Any:
         v = c.get(key, default)
@@ -251,14 +258,42 @@ def _config(model_dir: Path) -> _Config:
         raise QuantizeError(f"{path}: {section_key}.rope_type {kind!r} is not supported (default, linear, llama3)")
     if kind == "linear" and not (isinstance(section.get("factor"), (int, float)) and section["factor"] > 0):
         raise QuantizeError(f"{path}: {section_key}.factor must be a positive number for linear rope scaling")
-    default_context = {"LlamaForCausalLM": 2048, "Qwen2ForCausalLM": 32768}[arch]
+    default_context = {"LlamaForCausalLM": 2048, "Qwen2ForCausalLM": 32768, "Gemma3ForCausalLM": 32768}[arch]
+    sliding = 0
+    if arch == "Gemma3ForCausalLM":
+        sliding = _gemma3_checks(path, c, int(head_dim), num("num_hidden_layers"))
     return _Config(
         arch=ARCHITECTURES[arch], hf_arch=arch, hidden=hidden, ffn=num("intermediate_size"), layers=num("num_hidden_layers"),
         heads=heads, kv_heads=num("num_key_value_heads", heads), head_dim=int(head_dim), vocab=num("vocab_size"),
         context=num("max_position_embeddings", default_context), eps=num("rms_norm_eps", 1e-6, float), theta=float(theta),
         tied=bool(c.get("tie_word_embeddings", False)), qkv_bias=arch == "Qwen2ForCausalLM" or bool(c.get("attention_bias")),
         o_bias=arch == "LlamaForCausalLM" and bool(c.get("attention_bias")), rope=dict(section, rope_type=kind) if kind != "default" else None,
+        sliding_window=sliding,
     )
+
+
+def _gemma3_checks(path: Path, c: dict[str, Any], head_dim: int, layers: int) -> int:
+    """What GGUF's gemma3 metadata cannot say is fixed there (as llama.cpp reads it): every 6th
+    layer global, local layers rotating with base 10000, queries scaled by 1/sqrt(head_dim).
+    A config that differs is refused naming the field. Returns the sliding window."""
+    types = c.get("layer_types")
+    want = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
+    if types is not None and types != want:
+        raise QuantizeError(f"{path}: layer_types is not every 6th layer global, which GGUF's gemma3 assumes")
+    if c.get("sliding_window_pattern", c.get("_sliding_window_pattern", 6)) != 6:
+        raise QuantizeError(f"{path}: sliding_window_pattern must be 6 for GGUF's gemma3")
+    local = c.get("rope_local_base_freq", (c.get("rope_parameters") or {}).get("sliding_attention", {}).get("rope_theta", 10000.0))
+    if float(local) != 10000.0:
+        raise QuantizeError(f"{path}: rope_local_base_freq {local} is not the 10000 GGUF's gemma3 assumes")
+    if c.get("query_pre_attn_scalar", head_dim) != head_dim:
+        raise QuantizeError(f"{path}: query_pre_attn_scalar {c.get('query_pre_attn_scalar')} differs from head_dim {head_dim}, which GGUF's gemma3 assumes")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if c.get(key) is not None:
+            raise QuantizeError(f"{path}: {key} is set; logit softcapping is not supported")
+    window = c.get("sliding_window")
+    if not isinstance(window, int) or window <= 0:
+        raise QuantizeError(f"{path}: sliding_window must be a positive integer, got {window!r}")
+    return window
 
 
 def _rope_factors(cfg: _Config) -> np.ndarray:
@@ -300,6 +335,10 @@ def _tokenizer(w: Any, model_dir: Path, cfg: _Config, summary: QuantizeSummary) 
     path = model_dir / "tokenizer.json"
     tok = _json(path)
     model = tok.get("model") or {}
+    if model.get("type") == "BPE" and model.get("byte_fallback") and isinstance(model.get("vocab"), dict) and "<0x00>" in model["vocab"]:
+        from upg_batch.gguf_vocab import write_sentencepiece_vocab
+
+        return write_sentencepiece_vocab(w, model_dir, tok, cfg.vocab, summary.notes)
     byte_level = model.get("type") == "BPE" and not model.get("byte_fallback") and not tok.get("normalizer")
     if not byte_level or not isinstance(model.get("vocab"), dict):
         raise QuantizeError(
@@ -360,6 +399,7 @@ class _Out:
     rows: int
     cols: int  # 0 for vectors
     permute_heads: int = 0  # Llama q/k: interleave rows per head of this many heads
+    add_one: bool = False  # a Gemma norm: stored as 1 + w
 
 
 def _plan(cfg: _Config, st: _Safetensors, fmt: str, summary: QuantizeSummary) -> list[_Out]:
@@ -372,8 +412,13 @@ def _plan(cfg: _Config, st: _Safetensors, fmt: str, summary: QuantizeSummary) ->
         "self_attn.o_proj": (cfg.hidden, q), "mlp.gate_proj": (cfg.ffn, cfg.hidden), "mlp.up_proj": (cfg.ffn, cfg.hidden),
         "mlp.down_proj": (cfg.hidden, cfg.ffn),
     }
+    layer_names = dict(_LAYER_NAMES)
+    if cfg.arch == "gemma3":
+        layer_names.update(_GEMMA3_LAYER_NAMES)
+        shapes.update({"pre_feedforward_layernorm": (cfg.hidden,), "post_feedforward_layernorm": (cfg.hidden,),
+                       "self_attn.q_norm": (cfg.head_dim,), "self_attn.k_norm": (cfg.head_dim,)})
     for i in range(cfg.layers):
-        for name, gname in _LAYER_NAMES.items():
+        for name, gname in layer_names.items():
             suffix = ".weight"
             hf.append((f"model.layers.{i}.{name}{suffix}", f"blk.{i}.{gname}{suffix}", shapes[name]))
             if (cfg.qkv_bias and name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")) or (cfg.o_bias and name == "self_attn.o_proj"):
@@ -396,7 +441,8 @@ def _plan(cfg: _Config, st: _Safetensors, fmt: str, summary: QuantizeSummary) ->
         if cfg.arch == "llama" and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
             permute = cfg.heads if ".q_proj." in name else cfg.kv_heads
         if len(shape) == 1:
-            out.append(_Out(gname, t, "f32", 1, shape[0], permute))
+            # llama.cpp's converter stores Gemma's norms as the 1 + w they apply
+            out.append(_Out(gname, t, "f32", 1, shape[0], permute, add_one=cfg.arch == "gemma3" and "norm" in name))
             continue
         stored, fell_back = _native.weight_format(name, fmt, cfg.layers, cfg.tied, t.dtype, shape[1])
         if fell_back:
@@ -406,6 +452,9 @@ def _plan(cfg: _Config, st: _Safetensors, fmt: str, summary: QuantizeSummary) ->
 
 
 def _data(o: _Out) -> bytes:
+    if o.add_one:
+        values = np.frombuffer(_native.quantize_tensor(bytes(o.source.buf), o.source.dtype, o.cols, "f32"), dtype=np.float32)
+        return (values + np.float32(1.0)).astype(np.float32).tobytes()
     raw = np.frombuffer(o.source.buf, dtype=np.uint8)
     if o.permute_heads:
         rows = o.rows if len(o.source.shape) == 2 else o.cols
@@ -495,6 +544,8 @@ def _metadata(w: Any, model_dir: Path, cfg: _Config, fmt: str) -> None:
     w.add_rope_freq_base(cfg.theta)
     w.add_layer_norm_rms_eps(cfg.eps)
     w.add_vocab_size(cfg.vocab)
+    if cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
     if cfg.rope and cfg.rope["rope_type"] == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(cfg.rope["factor"]))
