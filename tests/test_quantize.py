@@ -269,9 +269,9 @@ def test_the_command_writes_a_file_the_engine_loads(tmp_path: Path) -> None:
 
 def broken(tmp_path: Path, what: str) -> Path:
     model = shutil.copytree(FIXTURES / "models" / "llama-tiny", tmp_path / what)
-    if what == "gemma":
+    if what == "other-arch":
         cfg = json.loads((model / "config.json").read_text())
-        cfg["architectures"] = ["Gemma3ForCausalLM"]
+        cfg["architectures"] = ["Phi3ForCausalLM"]
         (model / "config.json").write_text(json.dumps(cfg))
     elif what == "missing-tensor":
         tensors = load_file(model / "model.safetensors")
@@ -287,7 +287,7 @@ def broken(tmp_path: Path, what: str) -> Path:
     [
         (["{tmp}/nope", "{out}"], "nope: model folder not found"),
         (["{llama}", "{out}", "--format", "q3_k"], "invalid choice: 'q3_k'"),
-        (["{gemma}", "{out}"], "architectures ['Gemma3ForCausalLM'] cannot be quantized (supported: LlamaForCausalLM, Qwen2ForCausalLM"),
+        (["{other-arch}", "{out}"], "architectures ['Phi3ForCausalLM'] cannot be quantized (supported: LlamaForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM"),
         (["{missing-tensor}", "{out}"], "tensor model.layers.1.mlp.up_proj.weight is missing"),
         (["{no-tokenizer}", "{out}"], "tokenizer.json: missing"),
         (["{llama}", "{tmp}/no-such-folder/x.gguf"], "no-such-folder: folder not found"),
@@ -299,7 +299,7 @@ def test_the_command_names_what_is_wrong_and_leaves_no_file(tmp_path: Path, args
     out = work / "out.gguf"
     out.write_bytes(b"an earlier file")  # kept as it was: OUT is replaced only by a whole file
     names = {"tmp": str(tmp_path), "out": str(out), "llama": str(FIXTURES / "models" / "llama-tiny")}
-    for what in ("gemma", "missing-tensor", "no-tokenizer"):
+    for what in ("other-arch", "missing-tensor", "no-tokenizer"):
         if any("{" + what + "}" in a for a in args):
             names[what] = str(broken(tmp_path, what))
     p = run_cli(*[a.format(**names) for a in args])
