@@ -5,13 +5,11 @@ read back as the API documents them; resume after a driver kill; the line scanne
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import pytest
 from conftest import MODEL, write_job
-from test_runner_driver_kill import _cli, _committed, _kill_group
+from test_runner_driver_kill import _cli, _committed, _kill_group, kill_driver_after_commits
 
 from upg_batch.cli import main
 from upg_batch.commit import SUCCESS
@@ -103,15 +101,7 @@ def test_a_killed_batch_job_resumes_to_one_answer_per_request(tmp_path: Path) ->
     out = tmp_path / "out"
     job = write_job(tmp_path, data, out, input={"shard_rows": 6}, output={"format": "openai"})
     log = tmp_path / "log.txt"
-    proc = _cli(job, log, UPG_BATCH_TEST_SHARD_DELAY_S="1.0")
-    try:
-        deadline = time.monotonic() + 180
-        while _committed(out) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        _kill_group(proc)
+    kill_driver_after_commits(job, out, log)
     assert 2 <= _committed(out) < 8 and not (out / SUCCESS).exists()
     again = _cli(job, log)
     try:

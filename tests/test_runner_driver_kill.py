@@ -42,22 +42,29 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def kill_driver_after_commits(job: Path, out: Path, log: Path, commits: int = 2) -> subprocess.Popen:
+    """Runs `job` with shards of >= 1 s, SIGKILLs the driver alone (as a crash would) once
+    `commits` shards are committed, then whatever is left of the Ray it started."""
+    proc = _cli(job, log, UPG_BATCH_TEST_SHARD_DELAY_S="1.0")
+    try:
+        deadline = time.monotonic() + 180
+        while _committed(out) < commits and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        time.sleep(1.0)
+    finally:
+        _kill_group(proc)
+    return proc
+
+
 def test_driver_killed_mid_job_then_run_again(tmp_path: Path, local_ray):
     f = write_prompts(tmp_path / "d.parquet", 64)
     out = tmp_path / "out"
     job = write_job(tmp_path, f, out)  # 8 shards of 8 rows
     log = tmp_path / "log.txt"
     # shards of >= 1 s each: once two committed, seconds of work are left to kill the driver in
-    proc = _cli(job, log, UPG_BATCH_TEST_SHARD_DELAY_S="1.0")
-    try:
-        deadline = time.monotonic() + 180
-        while _committed(out) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)  # the driver alone, as a crash would
-        proc.wait(timeout=30)
-        time.sleep(1.0)
-    finally:
-        _kill_group(proc)  # then whatever is left of the Ray it started
+    proc = kill_driver_after_commits(job, out, log)
     done = _committed_shards(out)
     done_before = len(done)
     assert 2 <= done_before < 8 and proc.returncode == -signal.SIGKILL, (done, proc.returncode, log.read_text())
