@@ -39,10 +39,11 @@ def profile_delta(eng: Any, before: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_engine(model_dir: Path, args: argparse.Namespace, fused: bool, ceiling: float) -> dict[str, Any]:
+def run_engine(model_dir: Path, args: argparse.Namespace, fused: bool, ceiling: float,
+               batches: list[int] | None = None, prefill: bool = True) -> dict[str, Any]:
     from upg_batch import Engine
 
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = batches or [int(b) for b in args.batches.split(",")]
     eng = Engine(model_dir, backend="gpu", weights=args.weights, fused=fused, max_batch=max(batches), context=args.context)
     rng = np.random.default_rng(1)
     vocab = eng.info["vocab"]
@@ -59,13 +60,33 @@ def run_engine(model_dir: Path, args: argparse.Namespace, fused: bool, ceiling: 
             "fraction_of_ceiling": round(tps / ceiling, 3) if b == 1 else None,
             **profile_delta(eng, before),
         }
-    prompt = [rng.integers(2, vocab, args.prefill_len).tolist()]
-    timed_generate(eng, prompt, 1)
-    before = eng.info["gpu_profile"]
-    t, _, _ = timed_generate(eng, prompt, 1)
-    results["prefill"] = {"tokens_per_s": round(args.prefill_len / t, 2), **profile_delta(eng, before)}
+    if prefill:
+        prompt = [rng.integers(2, vocab, args.prefill_len).tolist()]
+        timed_generate(eng, prompt, 1)
+        before = eng.info["gpu_profile"]
+        t, _, _ = timed_generate(eng, prompt, 1)
+        results["prefill"] = {"tokens_per_s": round(args.prefill_len / t, 2), **profile_delta(eng, before)}
     info = eng.info
     return {"fused": fused, "adapter": info["adapter"], "api": info["gpu_api"], "results": results}
+
+
+def sweep_tiles(model_dir: Path, args: argparse.Namespace, ceiling: float) -> dict[str, Any]:
+    """The fused path with each matrix-product tile asked for: decode tiles (RxG) at batch 1,
+    batch tiles (RxTBxG) at the largest batch asked for and in prefill. Each engine reads its
+    tiles from the environment when it opens the GPU."""
+    import os
+
+    out: dict[str, Any] = {}
+    largest = max(int(b) for b in args.batches.split(","))
+    for var, tiles, batches, prefill in (("UPG_BATCH_GPU_DECODE_TILE", args.decode_tiles, [1], False),
+                                         ("UPG_BATCH_GPU_BATCH_TILE", args.batch_tiles, [largest], True)):
+        for tile in filter(None, (tiles or "").split(",")):
+            os.environ[var] = tile
+            try:
+                out[f"{var}={tile}"] = run_engine(model_dir, args, True, ceiling, batches, prefill)["results"]
+            finally:
+                del os.environ[var]
+    return out
 
 
 def run_peer(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -128,6 +149,10 @@ def main() -> int:
     ap.add_argument("--peer", action="store_true", help="also run transformers on CUDA (bf16, eager and static cache)")
     ap.add_argument("--models", type=Path, default=ROOT / "benches/models")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--decode-tiles", help="also run the fused path at batch 1 with each matrix-product tile RxG "
+                    "(R output rows, G groups of 32 lanes a workgroup), e.g. 1x8,2x4,4x4")
+    ap.add_argument("--batch-tiles", help="also run the fused path at the largest batch and in prefill with each "
+                    "tile RxTBxG (TB batch rows), e.g. 8x8x1,4x8x2")
     args = ap.parse_args()
 
     from upg_batch import Engine, _native
@@ -158,6 +183,8 @@ def main() -> int:
     }
     for path in args.paths.split(","):
         report["paths"][path] = run_engine(model_dir, args, path == "fused", ceiling)
+    if args.decode_tiles or args.batch_tiles:
+        report["tile_sweep"] = sweep_tiles(model_dir, args, ceiling)
     if args.peer:
         report["peer_transformers_bf16"] = run_peer(model_dir, args)
     print(json.dumps(report, indent=2))
@@ -170,6 +197,10 @@ def main() -> int:
             gpu = f"{v['gpu_ms_per_step']:.2f}" if v.get("gpu_ms_per_step") is not None else "-"
             print(f"{path:<10}{name:<18}{v['tokens_per_s']:>10.1f}{frac:>9}{v['dispatches_per_step']:>11}"
                   f"{v['encode_ms_per_step']:>9.2f}{gpu:>9}{v['wall_ms_per_step']:>9.2f}")
+    for tile, results in report.get("tile_sweep", {}).items():
+        for name, v in results.items():
+            gpu = f"{v['gpu_ms_per_step']:.2f}" if v.get("gpu_ms_per_step") is not None else "-"
+            print(f"{tile:<34}{name:<18}{v['tokens_per_s']:>10.1f}{gpu:>9}{v['wall_ms_per_step']:>9.2f}")
     peer = report.get("peer_transformers_bf16", {})
     for mode in ("eager", "static_compiled"):
         for name, v in peer.get(mode, {}).items():

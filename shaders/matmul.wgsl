@@ -2,27 +2,32 @@
 // where x' = x, or rmsnorm(x) * g when the norm flag is set (RMSNorm folded into the product).
 // With GATED, a second matrix U gives y = silu(x' @ W^T) * (x' @ U^T) (SwiGLU in one pass).
 //
-// One workgroup per (block of R output rows, tile of TB batch rows). Each of its WG threads
-// sums, for every output element of the block, the fixed strided subset k = t, t + WG, ... of
-// the row, then a fixed tree sums the threads: an output element is reduced in the same order
-// whatever n, R and TB are, so a batch row gives bit-identical results alone or in any batch.
-// A thread's x values serve R rows and its weight values TB batch rows, from registers; R and
-// TB are chosen per dispatch from n. The tiles of one row block are consecutive workgroups, so
-// weights one tile reads are still in cache for the next.
-// Weight loads (load_W, load_U, load_V) come from a format snippet (weights_*.wgsl); the
-// segment functions (seg_load, seg_store, seg_bias, seg_ld) from matmul_segments_*.wgsl: one
-// matrix, or three (q, k and v of one layer: rows 0 .. P.rows of W, then P.rows1 of U, then
-// P.rows1 of V, each into its own output) in one dispatch.
+// The summation order of one output element is fixed, whatever the batch size and tile:
+// a row is cut into chunks of 8 elements; lane l of 32 sums the chunks l, l + 32, l + 64, ...
+// in that order (a chunk as dot(first 4) + dot(last 4)), then a fixed pairwise tree sums the
+// 32 lanes. So a batch row gives bit-identical results alone or in any batch.
+//
+// A workgroup holds G groups of 32 lanes; each group computes one tile of R output rows by TB
+// batch rows. Each lane keeps the tile's R * TB partial sums in registers: the x values it
+// loads serve R rows and the weight values TB batch rows. At batch 1 (TB = 1) a group streams
+// R rows with 16-byte loads, 32 lanes side by side over consecutive bytes.
+// Weight loads (load8_W, load8_U) come from a format snippet; the segment functions (seg_load8,
+// seg_store, seg_bias, seg_ld) from matmul_segments_*.wgsl: one matrix, or three (q, k and v
+// of one layer: rows 0 .. P.rows of W, then P.rows1 of U, then P.rows1 of V, each into its
+// own output) in one dispatch.
 
-const WG: u32 = 64u;
+const LANES: u32 = 32u;
+const G: u32 = $Gu;
 const R: u32 = $Ru;
 const TB: u32 = $TBu;
 const GATED: bool = $GATED;
-// Partial sums: R * TB of W.x, then R * TB of U.x (GATED only), then TB of x.x (from SS0).
-// The tree runs over CHUNK of them at a time.
+// Partials of a lane: R * TB of W.x, then R * TB of U.x (GATED only), then TB of x.x (the
+// norm's sum of squares).
 const SS0: u32 = $SS0u;
 const SETS: u32 = SS0 + TB;
-const CHUNK: u32 = 32u;
+// A lane's partials lie at stride ST in workgroup memory: odd, so that the reads of the tree
+// (lane e reads set e of every lane) and the writes hit distinct banks.
+const ST: u32 = SETS | 1u;
 
 const FLAG_BIAS: u32 = 1u;
 const FLAG_ACCUMULATE: u32 = 2u;
@@ -43,26 +48,42 @@ struct Params {
     ld1: u32,        // row stride of their outputs
 }
 
+// Elements 4i .. 4i + 7 of a matrix: a, then b (zero past the row's end).
+struct Pair {
+    a: vec4<f32>,
+    b: vec4<f32>,
+}
+
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(2) var<storage, read> X: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(4) var<storage, read> Bias: array<f32>;
-@group(0) @binding(5) var<storage, read> G: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> Gn: array<vec4<f32>>;
 
-var<workgroup> red: array<f32, 2048>; // (CHUNK, WG)
-var<workgroup> sums: array<f32, SETS>;
+var<workgroup> red: array<f32, G * LANES * ST>; // (G, LANES, ST)
+var<workgroup> sums: array<f32, G * SETS>;
 
-// The tree's total of partial s: still in red when one chunk held them all.
-fn total(s: u32, used: u32) -> f32 {
-    if used > CHUNK {
-        return sums[s];
+// The fixed tree over the 32 lanes' partial `s` of group g.
+fn lane_total(g: u32, s: u32) -> f32 {
+    let base = g * LANES * ST + s;
+    var v: array<f32, 16>;
+    for (var i = 0u; i < 16u; i++) {
+        v[i] = red[base + i * ST] + red[base + (i + 16u) * ST];
     }
-    return red[s * WG];
+    for (var i = 0u; i < 8u; i++) {
+        v[i] += v[i + 8u];
+    }
+    for (var i = 0u; i < 4u; i++) {
+        v[i] += v[i + 4u];
+    }
+    return (v[0] + v[2]) + (v[1] + v[3]);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES * G)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let id = wg.y * P.grid_x + wg.x;
+    let l = t % LANES;
+    let g = t / LANES;
+    let id = (wg.y * P.grid_x + wg.x) * G + g;
     var rb = id / P.tiles;
     var seg = 0u;
     var rows = P.rows;
@@ -73,75 +94,74 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         rb = rb % ((P.rows1 + R - 1u) / R);
     }
     let r0 = rb * R;
-    if r0 >= rows || seg >= SEGMENTS {
-        return; // uniform: the whole workgroup leaves
-    }
+    // Uniform over the group, not the workgroup: an idle group still meets the barriers.
+    let working = r0 < rows && seg < SEGMENTS;
     let b0 = (id % P.tiles) * TB;
     let c4 = P.cols / 4u;
+    let chunks = (c4 + 1u) / 2u;
     let norm = (P.flags & FLAG_NORM) != 0u;
     // With the norm folded in: sum_k w_k (x_k inv g_k) = inv * sum_k w_k (x_k g_k), and the
     // sum of squares behind inv is gathered in the same pass over x.
     var part: array<f32, SETS>;
-    for (var k = t; k < c4; k += WG) {
-        var g = vec4<f32>(1.0);
-        if norm {
-            g = G[k];
-        }
-        var xs: array<vec4<f32>, TB>;
-        for (var j = 0u; j < TB; j++) {
-            if b0 + j < P.n {
-                var x = X[(b0 + j) * c4 + k];
-                if norm {
-                    part[SS0 + j] += dot(x, x);
-                    x = x * g;
+    if working {
+        for (var c = l; c < chunks; c += LANES) {
+            let i = 2u * c;
+            let hi = i + 1u < c4;
+            var ga = vec4<f32>(1.0);
+            var gb = vec4<f32>(1.0);
+            if norm {
+                ga = Gn[i];
+                if hi {
+                    gb = Gn[i + 1u];
                 }
-                xs[j] = x;
             }
-        }
-        for (var i = 0u; i < R; i++) {
-            if r0 + i < rows {
-                let w = seg_load(seg, (r0 + i) * c4 + k);
-                var u = vec4<f32>(0.0);
-                if GATED {
-                    u = load_U((r0 + i) * c4 + k);
+            var xa: array<vec4<f32>, TB>;
+            var xb: array<vec4<f32>, TB>;
+            for (var j = 0u; j < TB; j++) {
+                if b0 + j < P.n {
+                    var a = X[(b0 + j) * c4 + i];
+                    var b = vec4<f32>(0.0);
+                    if hi {
+                        b = X[(b0 + j) * c4 + i + 1u];
+                    }
+                    if norm {
+                        part[SS0 + j] += dot(a, a) + dot(b, b);
+                        a = a * ga;
+                        b = b * gb;
+                    }
+                    xa[j] = a;
+                    xb[j] = b;
                 }
-                for (var j = 0u; j < TB; j++) {
-                    part[i * TB + j] += dot(w, xs[j]);
+            }
+            for (var r = 0u; r < R; r++) {
+                if r0 + r < rows {
+                    let w = seg_load8(seg, (r0 + r) * c4 + i, hi);
+                    var u = Pair(vec4<f32>(0.0), vec4<f32>(0.0));
                     if GATED {
-                        part[R * TB + i * TB + j] += dot(u, xs[j]);
+                        u = load8_U((r0 + r) * c4 + i, hi);
+                    }
+                    for (var j = 0u; j < TB; j++) {
+                        part[r * TB + j] += dot(w.a, xa[j]) + dot(w.b, xb[j]);
+                        if GATED {
+                            part[R * TB + r * TB + j] += dot(u.a, xa[j]) + dot(u.b, xb[j]);
+                        }
                     }
                 }
             }
         }
     }
-    // Tree-sum every partial over the WG threads, CHUNK partials at a time.
-    var used = SS0;
-    if norm {
-        used = SETS;
+    for (var s = 0u; s < SETS; s++) {
+        red[(g * LANES + l) * ST + s] = part[s];
     }
-    for (var s0 = 0u; s0 < used; s0 += CHUNK) {
-        let m = min(CHUNK, used - s0);
-        for (var s = 0u; s < m; s++) {
-            red[s * WG + t] = part[s0 + s];
-        }
-        for (var w = WG / 2u; w > 0u; w = w / 2u) {
-            workgroupBarrier();
-            if t < w {
-                for (var s = 0u; s < m; s++) {
-                    red[s * WG + t] += red[s * WG + t + w];
-                }
-            }
-        }
-        workgroupBarrier();
-        if used > CHUNK {
-            // Several chunks: keep this one's totals before the next overwrites red.
-            if t < m {
-                sums[s0 + t] = red[t * WG];
-            }
-            workgroupBarrier();
-        }
+    workgroupBarrier();
+    for (var s = l; s < SETS; s += LANES) {
+        sums[g * SETS + s] = lane_total(g, s);
     }
-    for (var e = t; e < R * TB; e += WG) {
+    workgroupBarrier();
+    if !working {
+        return;
+    }
+    for (var e = l; e < R * TB; e += LANES) {
         let i = e / TB;
         let j = e % TB;
         if r0 + i >= rows || b0 + j >= P.n {
@@ -149,13 +169,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         }
         let r = r0 + i;
         let at = (b0 + j) * seg_ld(seg) + P.row_offset + r;
-        var v = total(e, used);
+        var v = sums[g * SETS + e];
         var vu = 0.0;
         if GATED {
-            vu = total(R * TB + e, used);
+            vu = sums[g * SETS + R * TB + e];
         }
         if norm {
-            let inv = inverseSqrt(total(SS0 + j, used) / f32(P.cols) + P.eps);
+            let inv = inverseSqrt(sums[g * SETS + SS0 + j] / f32(P.cols) + P.eps);
             v = v * inv;
             vu = vu * inv;
         }

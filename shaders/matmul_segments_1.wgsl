@@ -1,8 +1,8 @@
 // Matrix-product segments: one matrix (W, with U when GATED) into Y.
 const SEGMENTS: u32 = 1u;
 
-fn seg_load(seg: u32, i: u32) -> vec4<f32> {
-    return load_W(i);
+fn seg_load8(seg: u32, i: u32, hi: bool) -> Pair {
+    return load8_W(i, hi);
 }
 
 fn seg_store(seg: u32, at: u32, v: f32) {

@@ -8,14 +8,14 @@ const SEGMENTS: u32 = 3u;
 @group(0) @binding(10) var<storage, read> Bias1: array<f32>;
 @group(0) @binding(11) var<storage, read> Bias2: array<f32>;
 
-fn seg_load(seg: u32, i: u32) -> vec4<f32> {
+fn seg_load8(seg: u32, i: u32, hi: bool) -> Pair {
     if seg == 0u {
-        return load_W(i);
+        return load8_W(i, hi);
     }
     if seg == 1u {
-        return load_U(i);
+        return load8_U(i, hi);
     }
-    return load_V(i);
+    return load8_V(i, hi);
 }
 
 fn seg_store(seg: u32, at: u32, v: f32) {

@@ -9,6 +9,8 @@ use crate::tensor::WeightFormat;
 const MATMUL: &str = include_str!("../../../../shaders/matmul.wgsl");
 const MATMUL_SEGMENTS_1: &str = include_str!("../../../../shaders/matmul_segments_1.wgsl");
 const MATMUL_SEGMENTS_3: &str = include_str!("../../../../shaders/matmul_segments_3.wgsl");
+const LOAD8: &str = include_str!("../../../../shaders/load8.wgsl");
+const LOAD8_F16: &str = include_str!("../../../../shaders/load8_f16.wgsl");
 const EMBED: &str = include_str!("../../../../shaders/embed.wgsl");
 const RMSNORM: &str = include_str!("../../../../shaders/rmsnorm.wgsl");
 const ROPE_KV: &str = include_str!("../../../../shaders/rope_kv.wgsl");
@@ -24,30 +26,69 @@ const WEIGHTS_Q5_0: &str = include_str!("../../../../shaders/weights_q5_0.wgsl")
 const WEIGHTS_Q4_K: &str = include_str!("../../../../shaders/weights_q4_k.wgsl");
 const WEIGHTS_Q6_K: &str = include_str!("../../../../shaders/weights_q6_k.wgsl");
 
-/// (output rows, batch rows) per matrix-product workgroup, by kernel variant.
-pub const MATMUL_TILES: [(u32, u32); 5] = [(1, 1), (4, 1), (8, 1), (4, 8), (8, 8)];
+/// A matrix-product tile: (R output rows, TB batch rows, G groups of 32 lanes per workgroup);
+/// see matmul.wgsl.
+pub type Tile = (u32, u32, u32);
 
-/// The matrix-product tile for a batch of `n` rows. One row alone: DECODE_ROWS output rows
-/// per workgroup. Batches: each x value held in registers serves R output rows and each
-/// weight value TB batch rows, which divides the reads of x (from cache) by R and of weights
-/// by TB. The tile never changes the order in which an output element is summed, so any
-/// choice keeps batch invariance.
-pub fn matmul_tile(n: usize) -> (u32, u32) {
-    match n {
-        0 | 1 => (decode_rows(), 1),
-        2..=8 => MATMUL_TILES[3],
-        _ => MATMUL_TILES[4],
+/// Default tiles: one row alone (2 rows a group, 4 groups), and batches (8 rows by 8 batch
+/// rows a group; 4 rows when gated, to keep the partials in registers and workgroup memory).
+const DECODE_TILE: Tile = (2, 1, 4);
+const BATCH_TILE: Tile = (8, 8, 1);
+
+/// Workgroup memory the matrix product may use: WebGPU's default limit, which every adapter
+/// grants.
+const WORKGROUP_FLOATS: u32 = 16384 / 4;
+
+/// The partial sums a lane keeps for `tile`.
+fn partial_sets((r, tb, _): Tile, gated: bool) -> u32 {
+    r * tb * if gated { 2 } else { 1 } + tb
+}
+
+/// Whether `tile`'s partials fit workgroup memory (matmul.wgsl's `red` and `sums`).
+pub fn tile_fits(tile: Tile, gated: bool) -> bool {
+    let (r, tb, g) = tile;
+    let sets = partial_sets(tile, gated);
+    r >= 1 && tb >= 1 && matches!(g, 1 | 2 | 4 | 8) && g * (32 * (sets | 1) + sets) <= WORKGROUP_FLOATS
+}
+
+/// The matrix-product tiles of one backend: for one row alone, and for batches.
+#[derive(Clone, Copy, Debug)]
+pub struct Tiles {
+    pub decode: Tile,
+    pub batch: Tile,
+}
+
+impl Default for Tiles {
+    fn default() -> Self {
+        Tiles { decode: DECODE_TILE, batch: BATCH_TILE }
     }
 }
 
-/// Output rows per workgroup at batch 1: 1, 4 or 8; `UPG_BATCH_GPU_DECODE_ROWS` overrides
-/// the default (for benchmarks comparing them).
-fn decode_rows() -> u32 {
-    static ROWS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| match std::env::var("UPG_BATCH_GPU_DECODE_ROWS").ok().and_then(|v| v.parse().ok()) {
-        Some(r @ (1 | 4 | 8)) => r,
-        _ => 1,
-    })
+impl Tiles {
+    /// The defaults, or `UPG_BATCH_GPU_DECODE_TILE=RxG` and `UPG_BATCH_GPU_BATCH_TILE=RxTBxG`
+    /// (for benchmarks comparing tiles); a tile whose partials do not fit keeps the default.
+    pub fn from_env() -> Tiles {
+        let parse = |name: &str| -> Option<Vec<u32>> { std::env::var(name).ok()?.split('x').map(|p| p.trim().parse().ok()).collect() };
+        let decode = match parse("UPG_BATCH_GPU_DECODE_TILE").as_deref() {
+            Some(&[r, g]) if tile_fits((r, 1, g), true) => (r, 1, g),
+            _ => DECODE_TILE,
+        };
+        let batch = match parse("UPG_BATCH_GPU_BATCH_TILE").as_deref() {
+            Some(&[r, tb, g]) if tile_fits((r, tb, g), false) => (r, tb, g),
+            _ => BATCH_TILE,
+        };
+        Tiles { decode, batch }
+    }
+
+    /// The tile for a batch of `n` rows. The tile never changes the order in which an output
+    /// element is summed, so any choice keeps batch invariance.
+    pub fn for_batch(&self, n: usize, gated: bool) -> Tile {
+        let mut tile = if n <= 1 { self.decode } else { self.batch };
+        while !tile_fits(tile, gated) && tile.0 > 1 {
+            tile.0 /= 2;
+        }
+        tile
+    }
 }
 
 /// How a kernel sees one binding.
@@ -62,12 +103,12 @@ pub enum Slot {
 /// One kernel variant.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum KernelId {
-    /// `tile`: (output rows, batch rows) per workgroup (R, TB in matmul.wgsl), one of
-    /// `MATMUL_TILES`. `qkv`: three matrices (q, k, v) into three outputs in one dispatch.
+    /// `tile`: (output rows, batch rows, groups) per workgroup (R, TB, G in matmul.wgsl).
+    /// `qkv`: three matrices (q, k, v) into three outputs in one dispatch.
     Matmul {
         format: WeightFormat,
         gated: bool,
-        tile: (u32, u32),
+        tile: Tile,
         qkv: bool,
     },
     Embed(WeightFormat),
@@ -88,7 +129,7 @@ impl KernelId {
             .flat_map(|&f| {
                 [(false, false), (true, false), (false, true)]
                     .into_iter()
-                    .flat_map(move |(gated, qkv)| MATMUL_TILES.map(|tile| KernelId::Matmul { format: f, gated, tile, qkv }))
+                    .flat_map(move |(gated, qkv)| [1, 4, 32].map(|n| KernelId::Matmul { format: f, gated, tile: Tiles::default().for_batch(n, gated), qkv }))
             })
             .collect();
         all.extend(formats.iter().map(|&f| KernelId::Embed(f)));
@@ -98,8 +139,8 @@ impl KernelId {
 
     pub fn name(self) -> String {
         match self {
-            KernelId::Matmul { format, gated, tile: (r, tb), qkv } => {
-                format!("matmul_{}{}{}_{r}x{tb}", format.name(), if gated { "_gated" } else { "" }, if qkv { "_qkv" } else { "" })
+            KernelId::Matmul { format, gated, tile: (r, tb, g), qkv } => {
+                format!("matmul_{}{}{}_{r}x{tb}x{g}", format.name(), if gated { "_gated" } else { "" }, if qkv { "_qkv" } else { "" })
             }
             KernelId::Embed(f) => format!("embed_{}", f.name()),
             KernelId::RmsNorm => "rmsnorm".into(),
@@ -113,16 +154,17 @@ impl KernelId {
     /// The assembled WGSL source.
     pub fn source(self) -> String {
         match self {
-            KernelId::Matmul { format, gated, tile: (r, tb), qkv } => {
+            KernelId::Matmul { format, gated, tile: (r, tb, g), qkv } => {
                 let ss0 = if gated { 2 * r * tb } else { r * tb };
                 let body = MATMUL
                     .replace("$GATED", if gated { "true" } else { "false" })
                     .replace("$R", &r.to_string())
                     .replace("$TB", &tb.to_string())
+                    .replace("$G", &g.to_string())
                     .replace("$SS0", &ss0.to_string());
-                let mut source = format!("{}\n{}\n", weight_snippet(format, "W", 1), weight_snippet(format, "U", 6));
+                let mut source = format!("{}\n{}\n", matmul_weight_snippet(format, "W", 1), matmul_weight_snippet(format, "U", 6));
                 if qkv {
-                    source += &weight_snippet(format, "V", 7);
+                    source += &matmul_weight_snippet(format, "V", 7);
                     source += MATMUL_SEGMENTS_3;
                 } else {
                     source += MATMUL_SEGMENTS_1;
@@ -174,6 +216,13 @@ fn weight_snippet(format: WeightFormat, name: &str, binding: u32) -> String {
         WeightFormat::Q6K => WEIGHTS_Q6_K,
     };
     template.replace("$W", name).replace("$B", &binding.to_string())
+}
+
+/// The weight-load functions of `format` for a matrix product's matrix: the format's own, and
+/// its 8-element load.
+fn matmul_weight_snippet(format: WeightFormat, name: &str, binding: u32) -> String {
+    let load8 = if format == WeightFormat::F16 { LOAD8_F16 } else { LOAD8 };
+    format!("{}\n{}", weight_snippet(format, name, binding), load8.replace("$W", name))
 }
 
 /// Size of one parameter block (a uniform at a dynamic offset): the largest offset alignment

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use self::device::Gpu;
 pub use self::device::ADAPTER_ENV;
-use self::kernels::{matmul_tile, KernelId, Kernels};
+use self::kernels::{KernelId, Kernels, Tiles};
 pub use self::recorder::Profile;
 use self::recorder::{grid, storage_usage, GBuf, Recorder};
 use super::{AttentionShape, Backend, CacheShape, StepInput};
@@ -75,6 +75,7 @@ pub struct WgpuBackend {
     max_weight_buffer: u64,
     cache_pool: Mutex<Option<Arc<GCache>>>,
     last_dispatches: AtomicUsize,
+    tiles: Tiles,
 }
 
 fn u32s(values: &[u32]) -> Vec<u8> {
@@ -110,6 +111,7 @@ impl WgpuBackend {
             max_weight_buffer,
             cache_pool: Mutex::new(None),
             last_dispatches: AtomicUsize::new(0),
+            tiles: Tiles::from_env(),
         })
     }
 
@@ -217,12 +219,12 @@ impl WgpuBackend {
         debug_assert_eq!(x.width, w.cols);
         let flags = bias.map_or(0, |_| 1) | if accumulate { 2 } else { 0 } | norm.map_or(0, |_| 4);
         let eps = norm.map_or(0.0, |(_, e)| e as f32);
-        let tile = matmul_tile(n);
+        let tile = self.tiles.for_batch(n, up.is_some());
         let tiles = (n as u32).div_ceil(tile.1);
         let id = KernelId::Matmul { format: w.format, gated: up.is_some(), tile, qkv: false };
         for (c, (buf, first, rows)) in w.chunks.iter().enumerate() {
             let blocks = rows.div_ceil(tile.0);
-            let (gx, gy) = grid(blocks * tiles);
+            let (gx, gy) = grid((blocks * tiles).div_ceil(tile.2));
             let params = u32s(&[n as u32, *rows, w.cols as u32, flags, *first, y.width as u32, gx, eps.to_bits(), tiles, blocks, 0, 0]);
             let u = up.map_or(buf.as_ref(), |u| u.chunks[c].0.as_ref());
             let buffers = [buf.as_ref(), x.buf.as_ref(), y.buf.as_ref(), bias.unwrap_or(&self.dummy[0]), norm.map_or(self.dummy[0].as_ref(), |(g, _)| g), u];
@@ -248,11 +250,11 @@ impl WgpuBackend {
         if n == 0 {
             return;
         }
-        let tile = matmul_tile(n);
+        let tile = self.tiles.for_batch(n, false);
         let tiles = (n as u32).div_ceil(tile.1);
         let (rows0, rows1) = (w[0].rows as u32, w[1].rows as u32);
         let blocks0 = rows0.div_ceil(tile.0);
-        let (gx, gy) = grid((blocks0 + 2 * rows1.div_ceil(tile.0)) * tiles);
+        let (gx, gy) = grid(((blocks0 + 2 * rows1.div_ceil(tile.0)) * tiles).div_ceil(tile.2));
         let flags = bias[0].map_or(0, |_| 1) | 4;
         let params = u32s(&[
             n as u32,
@@ -337,7 +339,8 @@ impl Backend for WgpuBackend {
             return Err(gpu_error(format!("{} cannot unpack f16 in shaders (no SHADER_F16_IN_F32); use weights=\"f32\" or \"bf16\"", self.gpu.name())));
         }
         let row_bytes = format.row_bytes(cols) as u64;
-        let rows_per_chunk = (self.max_weight_buffer / row_bytes).min(u32::MAX as u64) as usize;
+        // Buffers are padded to 16 bytes (GBuf), which must stay within the binding limit.
+        let rows_per_chunk = ((self.max_weight_buffer / 16 * 16) / row_bytes).min(u32::MAX as u64) as usize;
         if rows_per_chunk == 0 {
             return Err(EngineError::tensor("", t.name, "one row is larger than this adapter's largest storage binding"));
         }

@@ -23,14 +23,15 @@ pub struct GBuf {
 
 impl GBuf {
     pub fn new(gpu: &Gpu, label: &str, size: u64, usage: ::wgpu::BufferUsages) -> Arc<GBuf> {
-        let size = size.max(16).next_multiple_of(4);
+        // 16 bytes: kernels bind some buffers as 16-byte words (f16 weights).
+        let size = size.max(16).next_multiple_of(16);
         let buf = gpu.device.create_buffer(&::wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false });
         Arc::new(GBuf { buf, id: NEXT_BUFFER_ID.fetch_add(1, Ordering::Relaxed), size })
     }
 
-    /// A storage buffer holding `bytes` (padded to 4 bytes).
+    /// A storage buffer holding `bytes` (padded to 16 bytes).
     pub fn with_data(gpu: &Gpu, label: &str, bytes: &[u8]) -> Arc<GBuf> {
-        let size = (bytes.len() as u64).max(16).next_multiple_of(4);
+        let size = (bytes.len() as u64).max(16).next_multiple_of(16);
         let buf = gpu.device.create_buffer(&::wgpu::BufferDescriptor {
             label: Some(label),
             size,
