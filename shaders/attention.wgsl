@@ -6,7 +6,8 @@
 // thread scores one position of the tile, the tile's maximum and weights are formed in a
 // fixed order, and each thread accumulates its own output dimensions (d = t, t + WG, ...).
 // Nothing depends on the other rows of the batch, so the result is batch invariant.
-// Grouped-query attention: query head h reads kv head h / (heads / kv_heads).
+// Grouped-query attention: query head h reads kv head h / (heads / kv_heads). The cache's
+// element type comes from kv_*.wgsl.
 
 const WG: u32 = 64u;
 const MAX_HEAD_DIM: u32 = 256u;
@@ -25,8 +26,6 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> P: Params;
 @group(0) @binding(1) var<storage, read> Q: array<f32>;
-@group(0) @binding(2) var<storage, read> KC: array<f32>;
-@group(0) @binding(3) var<storage, read> VC: array<f32>;
 @group(0) @binding(4) var<storage, read_write> O: array<f32>;
 @group(0) @binding(5) var<storage, read> Rows: array<vec4<u32>>; // (slot, pos, token, 0)
 
@@ -66,7 +65,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             var s = 0.0;
             let k0 = base + p * kv_dim;
             for (var d = 0u; d < hd; d++) {
-                s += qs[d] * KC[k0 + d];
+                s += qs[d] * get_KC(k0 + d);
             }
             score = s * P.scale;
         }
@@ -100,7 +99,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             if d < hd {
                 var a = acc[e] * correction;
                 for (var j = 0u; j < count; j++) {
-                    a += weights[j] * VC[base + (start + j) * kv_dim + d];
+                    a += weights[j] * get_VC(base + (start + j) * kv_dim + d);
                 }
                 acc[e] = a;
             }

@@ -4,7 +4,8 @@
 // flag, the rotated k and the v of each row also go to the layer's cache at (slot, pos):
 // RoPE and the KV write in one dispatch. Without the rotate flag it is only the KV write
 // (then any head split of kv_dim works: head_dim = kv_dim, one head). One thread per
-// (row, head, pair).
+// (row, head, two consecutive pairs): with an f16 cache two consecutive elements are one
+// word (head_dim is a multiple of 4). The cache's element type comes from kv_*.wgsl.
 
 struct Params {
     n: u32,
@@ -23,56 +24,61 @@ struct Params {
 @group(0) @binding(3) var<storage, read> V: array<f32>;
 @group(0) @binding(4) var<storage, read> T: array<f32>;
 @group(0) @binding(5) var<storage, read> Rows: array<vec4<u32>>; // (slot, pos, token, 0)
-@group(0) @binding(6) var<storage, read_write> KC: array<f32>;   // (slots, context, kv_dim)
-@group(0) @binding(7) var<storage, read_write> VC: array<f32>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let half = P.head_dim / 2u;
+    let quarter = half / 2u;
     let heads = P.q_heads + P.kv_heads;
     let id = gid.y * P.grid_x + gid.x;
-    if id >= P.n * heads * half {
+    if id >= P.n * heads * quarter {
         return;
     }
-    let i = id / (heads * half);
-    let h = (id / half) % heads;
-    let p = id % half;
-    var c = 1.0;
-    var s = 0.0;
+    let i = id / (heads * quarter);
+    let h = (id / quarter) % heads;
+    let p = (id % quarter) * 2u;
+    var c = vec2<f32>(1.0);
+    var s = vec2<f32>(0.0);
     if P.rotate != 0u {
         let row = (P.rotate - 1u) * P.n + i;
-        c = T[row * P.head_dim + p];
-        s = T[row * P.head_dim + half + p];
+        c = vec2<f32>(T[row * P.head_dim + p], T[row * P.head_dim + p + 1u]);
+        s = vec2<f32>(T[row * P.head_dim + half + p], T[row * P.head_dim + half + p + 1u]);
     }
     if h < P.q_heads {
         if P.rotate != 0u {
             let a = (i * P.q_heads + h) * P.head_dim + p;
-            let x1 = Q[a];
-            let x2 = Q[a + half];
-            Q[a] = x1 * c - x2 * s;
-            Q[a + half] = x2 * c + x1 * s;
+            let x1 = vec2<f32>(Q[a], Q[a + 1u]);
+            let x2 = vec2<f32>(Q[a + half], Q[a + half + 1u]);
+            let y1 = x1 * c - x2 * s;
+            let y2 = x2 * c + x1 * s;
+            Q[a] = y1.x;
+            Q[a + 1u] = y1.y;
+            Q[a + half] = y2.x;
+            Q[a + half + 1u] = y2.y;
         }
         return;
     }
     let kh = h - P.q_heads;
     let kv_dim = P.kv_heads * P.head_dim;
     let a = i * kv_dim + kh * P.head_dim + p;
-    var k1 = K[a];
-    var k2 = K[a + half];
+    var k1 = vec2<f32>(K[a], K[a + 1u]);
+    var k2 = vec2<f32>(K[a + half], K[a + half + 1u]);
     if P.rotate != 0u {
         let x1 = k1;
         let x2 = k2;
         k1 = x1 * c - x2 * s;
         k2 = x2 * c + x1 * s;
-        K[a] = k1;
-        K[a + half] = k2;
+        K[a] = k1.x;
+        K[a + 1u] = k1.y;
+        K[a + half] = k2.x;
+        K[a + half + 1u] = k2.y;
     }
     if P.write_kv != 0u {
         let row = Rows[i];
         let at = (row.x * P.context + row.y) * kv_dim + kh * P.head_dim + p;
-        KC[at] = k1;
-        KC[at + half] = k2;
-        VC[at] = V[a];
-        VC[at + half] = V[a + half];
+        put_KC(at, k1);
+        put_KC(at + half, k2);
+        put_VC(at, vec2<f32>(V[a], V[a + 1u]));
+        put_VC(at + half, vec2<f32>(V[a + half], V[a + half + 1u]));
     }
 }

@@ -1,5 +1,5 @@
-"""kv_cache="f16": keys and values held in f16 (half the cache memory) on the CPU, against the
-reference fixtures, the f32 cache, and batch invariance."""
+"""kv_cache="f16": keys and values held in f16 (half the cache memory) on the CPU and the GPU,
+against the reference fixtures, the f32 cache, and batch invariance; and the KV budget."""
 
 from __future__ import annotations
 
@@ -49,13 +49,32 @@ def test_f16_cache_rounds_and_is_batch_invariant() -> None:
         assert alone.token_ids == out.token_ids
 
 
+def test_gpu_f16_cache_follows_the_reference_and_is_batch_invariant(name: str) -> None:
+    model = FIXTURES / "models" / name
+    f16, f32 = Engine(model, backend="gpu", kv_cache="f16", max_batch=8), Engine(model, backend="gpu")
+    assert f16.info["kv_cache"] == "f16" and f32.info["kv_cache"] == "f32"
+    assert f16.info["kv_bytes_per_token"] * 2 == f32.info["kv_bytes_per_token"]
+    ref = reference_logits(name)
+    prompts = [c["prompt_ids"] for c in cases(name)]
+    for i, p in enumerate(prompts):
+        got = f16.logits(p)
+        assert rel_err(got, ref[f"prefill_logits_{i}"]) < F16_KV_REL, f"case {i}"
+        if i == 0 and len(p) > 1:  # the cache really holds f16 (a one-token prompt reads only its own row)
+            assert np.abs(got - f32.logits(p)).max() > 0
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    batched = f16.generate(prompts, params)
+    for i, (case, out) in enumerate(zip(cases(name), batched)):
+        n = exact_steps(case["step_margin"], F16_KV_NEAR_TIE)
+        assert out.token_ids[:n] == case["greedy_ids"][:n], f"case {i}"
+        (alone,) = f16.generate([case["prompt_ids"]], params)
+        assert alone.token_ids == out.token_ids, f"case {i}: batched differs from alone"
+
+
 def test_kv_cache_option_is_checked() -> None:
     model = FIXTURES / "models" / "llama-tiny"
     for bad in ("bf16", "", "F16"):
         with pytest.raises(EngineError, match="kv_cache"):
             Engine(model, kv_cache=bad)
-    with pytest.raises(EngineError, match="kv_cache='f16' is for the cpu backend"):
-        Engine(model, backend="gpu", kv_cache="f16")
 
 
 def test_a_kv_budget_is_never_exceeded_and_changes_no_result() -> None:

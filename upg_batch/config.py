@@ -56,7 +56,7 @@ class ModelSection(_Section):
         "(follows the dequantized model to f32 rounding; slower on the CPU; the GPU's only way). null: the backend's own.",
     )
     kv_cache: Literal["f32", "f16"] | None = Field(
-        None, description="The KV cache's element type: f32 (null) or f16 (half the cache memory; CPU backend only)."
+        None, description="The KV cache's element type: f32 (null) or f16 (half the cache memory)."
     )
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="The most bytes an engine's KV cache may hold (null: what max_batch sequences take); results do not change."

@@ -155,7 +155,7 @@ class Engine:
         as llama.cpp does; fast) or "f32" (the dequantized weights times f32 activations,
         which follows the reference to f32 rounding; slower on the CPU, the GPU's only way).
     kv_cache: the KV cache's element type: None or "f32", or "f16" (half the memory, so twice
-        the sequences or context in the same RAM; keys and values rounded to f16; CPU only).
+        the sequences or context in the same memory; keys and values rounded to f16).
     kv_cache_bytes: the most bytes the KV cache may hold (None: whatever max_batch sequences
         take). On the CPU a sequence reserves its prompt plus max_tokens positions and waits
         until that fits beside the running ones (a prompt that never fits fails alone); the GPU,

@@ -35,7 +35,7 @@ macro_rules! with_decoder {
 impl Model {
     /// `activations`: "" (the backend's own: int8 on the CPU, f32 on the GPU), "int8" (CPU
     /// only) or "f32", for products with block-format weights. `kv_cache`: "" or "f32", or
-    /// "f16" (CPU only for now).
+    /// "f16".
     #[allow(clippy::too_many_arguments)]
     pub fn load(backend: &str, activations: &str, kv_cache: &str, ckpt: &Checkpoint, cfg: ModelConfig, scheme: WeightScheme, fused: bool) -> Result<Self> {
         let (cpu_acts, gpu_ok) = match activations {
@@ -53,19 +53,21 @@ impl Model {
         if !gpu_ok && kind == BackendKind::Gpu {
             return Err(EngineError::InvalidArgument("activations='int8' is for the cpu backend; the gpu backend keeps activations in f32".into()));
         }
-        if kv_f16 && kind != BackendKind::Cpu {
-            return Err(EngineError::InvalidArgument(format!("kv_cache='f16' is for the cpu backend for now; backend {backend:?} keeps the cache in f32")));
-        }
         match kind {
             BackendKind::Cpu => Ok(Model::Cpu(Decoder::load(cpu(), ckpt, cfg, scheme, fused)?)),
             #[cfg(feature = "gpu")]
             BackendKind::Gpu => {
                 crate::backend::wgpu::check_shapes(cfg.head_dim)?;
-                Ok(Model::Gpu(Decoder::load(WgpuBackend::new(false)?, ckpt, cfg, scheme, fused)?))
+                let mut b = WgpuBackend::new(false)?;
+                b.kv_f16 = kv_f16;
+                Ok(Model::Gpu(Decoder::load(b, ckpt, cfg, scheme, fused)?))
             }
             #[cfg(feature = "gpu")]
             BackendKind::Auto => match crate::backend::wgpu::check_shapes(cfg.head_dim).and_then(|_| WgpuBackend::new(true)) {
-                Ok(b) => Ok(Model::Gpu(Decoder::load(b, ckpt, cfg, scheme, fused)?)),
+                Ok(mut b) => {
+                    b.kv_f16 = kv_f16;
+                    Ok(Model::Gpu(Decoder::load(b, ckpt, cfg, scheme, fused)?))
+                }
                 Err(_) => Ok(Model::Cpu(Decoder::load(cpu(), ckpt, cfg, scheme, fused)?)),
             },
             #[cfg(not(feature = "gpu"))]
@@ -141,6 +143,8 @@ impl Model {
     pub fn kv_cache(&self) -> &'static str {
         match self {
             Model::Cpu(m) if m.backend.kv_f16 => "f16",
+            #[cfg(feature = "gpu")]
+            Model::Gpu(m) if m.backend.kv_f16 => "f16",
             _ => "f32",
         }
     }

@@ -15,6 +15,10 @@ const EMBED: &str = include_str!("../../../../shaders/embed.wgsl");
 const RMSNORM: &str = include_str!("../../../../shaders/rmsnorm.wgsl");
 const ROPE_KV: &str = include_str!("../../../../shaders/rope_kv.wgsl");
 const ATTENTION: &str = include_str!("../../../../shaders/attention.wgsl");
+const KV_F32: &str = include_str!("../../../../shaders/kv_f32.wgsl");
+const KV_F16: &str = include_str!("../../../../shaders/kv_f16.wgsl");
+const KV_PUT_F32: &str = include_str!("../../../../shaders/kv_put_f32.wgsl");
+const KV_PUT_F16: &str = include_str!("../../../../shaders/kv_put_f16.wgsl");
 const ELEMENTWISE: &str = include_str!("../../../../shaders/elementwise.wgsl");
 const BANDWIDTH: &str = include_str!("../../../../shaders/bandwidth.wgsl");
 const WEIGHTS_F32: &str = include_str!("../../../../shaders/weights_f32.wgsl");
@@ -113,8 +117,10 @@ pub enum KernelId {
     },
     Embed(WeightFormat),
     RmsNorm,
-    RopeKv,
-    Attention,
+    /// RoPE and the KV-cache write; true: an f16 cache.
+    RopeKv(bool),
+    /// Decode attention over the KV cache; true: an f16 cache.
+    Attention(bool),
     Elementwise,
     /// A plain streaming read (the bandwidth ceiling of benchmarks).
     Bandwidth,
@@ -133,7 +139,8 @@ impl KernelId {
             })
             .collect();
         all.extend(formats.iter().map(|&f| KernelId::Embed(f)));
-        all.extend([KernelId::RmsNorm, KernelId::RopeKv, KernelId::Attention, KernelId::Elementwise, KernelId::Bandwidth]);
+        all.extend([KernelId::RmsNorm, KernelId::Elementwise, KernelId::Bandwidth]);
+        all.extend([false, true].into_iter().flat_map(|f16| [KernelId::RopeKv(f16), KernelId::Attention(f16)]));
         all
     }
 
@@ -144,8 +151,8 @@ impl KernelId {
             }
             KernelId::Embed(f) => format!("embed_{}", f.name()),
             KernelId::RmsNorm => "rmsnorm".into(),
-            KernelId::RopeKv => "rope_kv".into(),
-            KernelId::Attention => "attention".into(),
+            KernelId::RopeKv(f16) => format!("rope_kv{}", if f16 { "_f16" } else { "" }),
+            KernelId::Attention(f16) => format!("attention{}", if f16 { "_f16" } else { "" }),
             KernelId::Elementwise => "elementwise".into(),
             KernelId::Bandwidth => "bandwidth".into(),
         }
@@ -173,8 +180,14 @@ impl KernelId {
             }
             KernelId::Embed(format) => format!("{}\n{}", weight_snippet(format, "W", 1), EMBED),
             KernelId::RmsNorm => RMSNORM.into(),
-            KernelId::RopeKv => ROPE_KV.into(),
-            KernelId::Attention => ATTENTION.into(),
+            KernelId::RopeKv(f16) => {
+                let (kv, put) = if f16 { (KV_F16, KV_PUT_F16) } else { (KV_F32, KV_PUT_F32) };
+                format!("{}\n{put}\n{ROPE_KV}", kv.replace("$KB", "6").replace("$VB", "7").replace("$ACCESS", "read_write"))
+            }
+            KernelId::Attention(f16) => {
+                let kv = if f16 { KV_F16 } else { KV_F32 };
+                format!("{}\n{ATTENTION}", kv.replace("$KB", "2").replace("$VB", "3").replace("$ACCESS", "read"))
+            }
             KernelId::Elementwise => ELEMENTWISE.into(),
             KernelId::Bandwidth => BANDWIDTH.into(),
         }
@@ -192,9 +205,9 @@ impl KernelId {
             // params, X, Y, G, gather index
             KernelId::RmsNorm => &[Params, Read, ReadWrite, Read, Read],
             // params, Q, K, V, table, rows, K cache, V cache
-            KernelId::RopeKv => &[Params, ReadWrite, ReadWrite, Read, Read, Read, ReadWrite, ReadWrite],
+            KernelId::RopeKv(_) => &[Params, ReadWrite, ReadWrite, Read, Read, Read, ReadWrite, ReadWrite],
             // params, Q, K cache, V cache, out, rows
-            KernelId::Attention => &[Params, Read, Read, Read, ReadWrite, Read],
+            KernelId::Attention(_) => &[Params, Read, Read, Read, ReadWrite, Read],
             // params, A, B
             KernelId::Elementwise => &[Params, ReadWrite, Read],
             // params, the buffer, an output never written in practice

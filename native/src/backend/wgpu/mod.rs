@@ -43,7 +43,7 @@ pub struct GAct {
 }
 
 pub struct GCache {
-    k: Vec<Arc<GBuf>>, // per layer (slots, context, kv_dim) f32
+    k: Vec<Arc<GBuf>>, // per layer (slots, context, kv_dim), f32 or f16
     v: Vec<Arc<GBuf>>,
     shape: CacheShape,
 }
@@ -76,6 +76,8 @@ pub struct WgpuBackend {
     cache_pool: Mutex<Option<Arc<GCache>>>,
     last_dispatches: AtomicUsize,
     tiles: Tiles,
+    /// The KV cache holds f16 (half the memory) rather than f32.
+    pub kv_f16: bool,
 }
 
 fn u32s(values: &[u32]) -> Vec<u8> {
@@ -112,7 +114,16 @@ impl WgpuBackend {
             cache_pool: Mutex::new(None),
             last_dispatches: AtomicUsize::new(0),
             tiles: Tiles::from_env(),
+            kv_f16: false,
         })
+    }
+
+    fn kv_element_bytes(&self) -> usize {
+        if self.kv_f16 {
+            2
+        } else {
+            4
+        }
     }
 
     pub fn adapter_name(&self) -> String {
@@ -291,7 +302,7 @@ impl WgpuBackend {
     /// `rotate`: the rotary table to rotate q and k with, or None for only the KV write.
     fn rope_kv_op(&self, step: &GStep, q: &GBuf, k: &GBuf, v: &GBuf, caches: Option<(&GCache, usize)>, rotate: Option<usize>, heads: (usize, usize), head_dim: usize) {
         let (qh, kvh) = heads;
-        let threads = (step.n * (qh + kvh) * head_dim / 2) as u32;
+        let threads = (step.n * (qh + kvh) * head_dim / 4) as u32;
         let (gx, gy) = grid(threads.div_ceil(WG));
         let (kc, vc, context) = match caches {
             Some((c, l)) => (c.k[l].as_ref(), c.v[l].as_ref(), c.shape.context),
@@ -299,7 +310,7 @@ impl WgpuBackend {
         };
         let params = u32s(&[step.n as u32, qh as u32, kvh as u32, head_dim as u32, caches.is_some() as u32, context as u32, gx * WG, rotate.map_or(0, |t| t as u32 + 1)]);
         let buffers = [q, k, v, step.rope.as_ref(), step.rows.as_ref(), kc, vc];
-        self.dispatch(KernelId::RopeKv, &params, &buffers, (gx, gy, 1));
+        self.dispatch(KernelId::RopeKv(self.kv_f16), &params, &buffers, (gx, gy, 1));
     }
 
     fn elementwise(&self, count: usize, op: u32, a: &GAct, b: &GBuf, s: f32) {
@@ -376,7 +387,7 @@ impl Backend for WgpuBackend {
             }
         }
         *pool = None; // free the old cache before allocating the new one
-        let bytes = (shape.slots * shape.context * shape.kv_dim * 4) as u64;
+        let bytes = (shape.slots * shape.context * shape.kv_dim * self.kv_element_bytes()) as u64;
         let what = format!("the KV cache of one layer ({} sequences x {} positions; lower max_batch or context)", shape.slots, shape.context);
         let mut k = Vec::with_capacity(shape.layers);
         let mut v = Vec::with_capacity(shape.layers);
@@ -387,6 +398,10 @@ impl Backend for WgpuBackend {
         let cache = Arc::new(GCache { k, v, shape });
         *pool = Some(cache.clone());
         Ok(cache)
+    }
+
+    fn cache_token_bytes(&self, layers: usize, kv_dim: usize) -> usize {
+        layers * 2 * kv_dim * self.kv_element_bytes()
     }
 
     fn cache_reserve(&self, _cache: &mut Arc<GCache>, _slot: usize, _positions: usize) {}
@@ -455,7 +470,7 @@ impl Backend for WgpuBackend {
             0,
         ]);
         let buffers = [q.buf.as_ref(), &cache.k[layer], &cache.v[layer], &out.buf, &step.rows];
-        self.dispatch(KernelId::Attention, &params, &buffers, (shape.heads as u32, step.n as u32, 1));
+        self.dispatch(KernelId::Attention(self.kv_f16), &params, &buffers, (shape.heads as u32, step.n as u32, 1));
     }
 
     fn gated_act(&self, n: usize, act: Activation, gate: &mut GAct, up: &GAct) {
@@ -535,6 +550,9 @@ impl Backend for WgpuBackend {
 pub fn check_shapes(head_dim: usize) -> Result<()> {
     if head_dim > MAX_HEAD_DIM {
         return Err(gpu_error(format!("head_dim {head_dim} is above the attention kernel's limit of {MAX_HEAD_DIM}")));
+    }
+    if head_dim % 4 != 0 {
+        return Err(gpu_error(format!("head_dim {head_dim} is not a multiple of 4, which the GPU's RoPE and KV-cache kernels need")));
     }
     Ok(())
 }
