@@ -14,6 +14,7 @@ __all__ = [
     "gguf_tokenizer_json",
     "measure_gpu_read_bandwidth",
     "measure_read_bandwidth",
+    "measure_fma_peak",
     "quantize",
     "quantize_tensor",
     "weight_format",
@@ -73,6 +74,7 @@ def gguf_pre_tokenizer(pre: str) -> str | None:
     """The pre-tokenizer (tokenizer.json's JSON) the engine builds for a GGUF file whose
     `tokenizer.ggml.pre` is `pre`; None for a name it does not know."""
 
+def measure_fma_peak(threads: int = 1) -> float: ...
 def measure_read_bandwidth(bytes: int = ..., threads: int = 1, repeats: int = 5) -> float:
     """Memory read bandwidth of this machine in bytes/s: the best of `repeats` parallel reads
     of a `bytes`-sized buffer on `threads` threads (for benchmarks' ceilings)."""

@@ -210,6 +210,14 @@ fn block_format(name: &str) -> PyResult<tensor::WeightFormat> {
 
 /// A GGUF file's chat template (None if it has none) and special-token texts (bos_token,
 /// eos_token, ...), read from its metadata without loading the model.
+/// The machine's f32 multiply-add peak in FLOP/s on `threads` threads (benchmarks' ceiling for
+/// compute-bound products).
+#[pyfunction]
+#[pyo3(signature = (threads = 1))]
+fn measure_fma_peak(py: Python<'_>, threads: usize) -> f64 {
+    py.allow_threads(|| backend::cpu::membench::fma_peak(threads))
+}
+
 #[pyfunction]
 fn gguf_chat_template(py: Python<'_>, path: PathBuf) -> PyResult<(Option<String>, Vec<(String, String)>)> {
     py.allow_threads(|| -> error::Result<_> {
@@ -339,6 +347,7 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add_class::<NativeEngine>()?;
     m.add_function(wrap_pyfunction!(measure_read_bandwidth, m)?)?;
+    m.add_function(wrap_pyfunction!(measure_fma_peak, m)?)?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(gguf_chat_template, m)?)?;
     m.add_function(wrap_pyfunction!(gguf_tokenizer_json, m)?)?;
