@@ -5,9 +5,5 @@ fn load8_$W(i: u32, hi: bool) -> Pair {
         let p = $W[i >> 1u];
         return Pair(widen_$W(p.xy), widen_$W(p.zw));
     }
-    var b = vec4<f32>(0.0);
-    if hi {
-        b = load_$W(i + 1u);
-    }
-    return Pair(load_$W(i), b);
+    return load8_any_$W(i, hi);
 }

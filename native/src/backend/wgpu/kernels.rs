@@ -11,6 +11,10 @@ const MATMUL_SEGMENTS_1: &str = include_str!("../../../../shaders/matmul_segment
 const MATMUL_SEGMENTS_3: &str = include_str!("../../../../shaders/matmul_segments_3.wgsl");
 const LOAD8: &str = include_str!("../../../../shaders/load8.wgsl");
 const LOAD8_F16: &str = include_str!("../../../../shaders/load8_f16.wgsl");
+const LOAD8_Q8_0: &str = include_str!("../../../../shaders/load8_q8_0.wgsl");
+const LOAD8_Q4_0: &str = include_str!("../../../../shaders/load8_q4_0.wgsl");
+const LOAD8_Q4_K: &str = include_str!("../../../../shaders/load8_q4_k.wgsl");
+const BYTES8: &str = include_str!("../../../../shaders/bytes8.wgsl");
 const EMBED: &str = include_str!("../../../../shaders/embed.wgsl");
 const RMSNORM: &str = include_str!("../../../../shaders/rmsnorm.wgsl");
 const ROPE_KV: &str = include_str!("../../../../shaders/rope_kv.wgsl");
@@ -232,10 +236,17 @@ fn weight_snippet(format: WeightFormat, name: &str, binding: u32) -> String {
 }
 
 /// The weight-load functions of `format` for a matrix product's matrix: the format's own, and
-/// its 8-element load.
+/// its 8-element load (a format's own where it has one, else two 4-element loads).
 fn matmul_weight_snippet(format: WeightFormat, name: &str, binding: u32) -> String {
-    let load8 = if format == WeightFormat::F16 { LOAD8_F16 } else { LOAD8 };
-    format!("{}\n{}", weight_snippet(format, name, binding), load8.replace("$W", name))
+    const ANY: &str = "fn load8_$W(i: u32, hi: bool) -> Pair {\n    return load8_any_$W(i, hi);\n}\n";
+    let own = match format {
+        WeightFormat::F16 => LOAD8_F16.to_string(),
+        WeightFormat::Q8_0 => format!("{BYTES8}\n{LOAD8_Q8_0}"),
+        WeightFormat::Q4_0 => format!("{BYTES8}\n{LOAD8_Q4_0}"),
+        WeightFormat::Q4K => LOAD8_Q4_K.to_string(),
+        _ => ANY.to_string(),
+    };
+    format!("{}\n{}\n{}", weight_snippet(format, name, binding), LOAD8.replace("$W", name), own.replace("$W", name))
 }
 
 /// Size of one parameter block (a uniform at a dynamic offset): the largest offset alignment
