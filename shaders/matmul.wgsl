@@ -10,7 +10,7 @@
 // A workgroup holds G groups of 32 lanes; each group computes one tile of R output rows by TB
 // batch rows. Each lane keeps the tile's R * TB partial sums in registers: the x values it
 // loads serve R rows and the weight values TB batch rows. At batch 1 (TB = 1) a group streams
-// R rows with 16-byte loads, 32 lanes side by side over consecutive bytes.
+// R rows with 16-byte loads, 32 lanes side by side over consecutive bytes, UNROLL chunks at a time.
 // Weight loads (load8_W, load8_U) come from a format snippet; the segment functions (seg_load8,
 // seg_store, seg_bias, seg_ld) from matmul_segments_*.wgsl: one matrix, or three (q, k and v
 // of one layer: rows 0 .. P.rows of W, then P.rows1 of U, then P.rows1 of V, each into its
@@ -20,6 +20,7 @@ const LANES: u32 = 32u;
 const G: u32 = $Gu;
 const R: u32 = $Ru;
 const TB: u32 = $TBu;
+const UNROLL: u32 = $Uu;
 const GATED: bool = $GATED;
 // Partials of a lane: R * TB of W.x, then R * TB of U.x (GATED only), then TB of x.x (the
 // norm's sum of squares).
@@ -104,42 +105,60 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     // sum of squares behind inv is gathered in the same pass over x.
     var part: array<f32, SETS>;
     if working {
-        for (var c = l; c < chunks; c += LANES) {
-            let i = 2u * c;
-            let hi = i + 1u < c4;
-            var ga = vec4<f32>(1.0);
-            var gb = vec4<f32>(1.0);
-            if norm {
-                ga = Gn[i];
-                if hi {
-                    gb = Gn[i + 1u];
+        // UNROLL chunks a pass: their weights are all loaded before any is summed (more bytes in
+        // flight per lane), then summed chunk after chunk, so the order stays the same.
+        for (var c0 = l; c0 < chunks; c0 += UNROLL * LANES) {
+            var ws: array<Pair, UNROLL * R>;
+            var us: array<Pair, UNROLL * R>;
+            for (var s = 0u; s < UNROLL; s++) {
+                let c = c0 + s * LANES;
+                for (var r = 0u; r < R; r++) {
+                    if c < chunks && r0 + r < rows {
+                        let i = (r0 + r) * c4 + 2u * c;
+                        let hi = 2u * c + 1u < c4;
+                        ws[s * R + r] = seg_load8(seg, i, hi);
+                        if GATED {
+                            us[s * R + r] = load8_U(i, hi);
+                        }
+                    }
                 }
             }
-            var xa: array<vec4<f32>, TB>;
-            var xb: array<vec4<f32>, TB>;
-            for (var j = 0u; j < TB; j++) {
-                if b0 + j < P.n {
-                    var a = X[(b0 + j) * c4 + i];
-                    var b = vec4<f32>(0.0);
+            for (var s = 0u; s < UNROLL; s++) {
+                let c = c0 + s * LANES;
+                if c >= chunks {
+                    break;
+                }
+                let i = 2u * c;
+                let hi = i + 1u < c4;
+                var ga = vec4<f32>(1.0);
+                var gb = vec4<f32>(1.0);
+                if norm {
+                    ga = Gn[i];
                     if hi {
-                        b = X[(b0 + j) * c4 + i + 1u];
+                        gb = Gn[i + 1u];
                     }
-                    if norm {
-                        part[SS0 + j] += dot(a, a) + dot(b, b);
-                        a = a * ga;
-                        b = b * gb;
-                    }
-                    xa[j] = a;
-                    xb[j] = b;
                 }
-            }
-            for (var r = 0u; r < R; r++) {
-                if r0 + r < rows {
-                    let w = seg_load8(seg, (r0 + r) * c4 + i, hi);
-                    var u = Pair(vec4<f32>(0.0), vec4<f32>(0.0));
-                    if GATED {
-                        u = load8_U((r0 + r) * c4 + i, hi);
+                var xa: array<vec4<f32>, TB>;
+                var xb: array<vec4<f32>, TB>;
+                for (var j = 0u; j < TB; j++) {
+                    if b0 + j < P.n {
+                        var a = X[(b0 + j) * c4 + i];
+                        var b = vec4<f32>(0.0);
+                        if hi {
+                            b = X[(b0 + j) * c4 + i + 1u];
+                        }
+                        if norm {
+                            part[SS0 + j] += dot(a, a) + dot(b, b);
+                            a = a * ga;
+                            b = b * gb;
+                        }
+                        xa[j] = a;
+                        xb[j] = b;
                     }
+                }
+                for (var r = 0u; r < R; r++) {
+                    let w = ws[s * R + r];
+                    let u = us[s * R + r];
                     for (var j = 0u; j < TB; j++) {
                         part[r * TB + j] += dot(w.a, xa[j]) + dot(w.b, xb[j]);
                         if GATED {

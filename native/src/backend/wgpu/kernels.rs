@@ -34,29 +34,30 @@ const WEIGHTS_Q5_0: &str = include_str!("../../../../shaders/weights_q5_0.wgsl")
 const WEIGHTS_Q4_K: &str = include_str!("../../../../shaders/weights_q4_k.wgsl");
 const WEIGHTS_Q6_K: &str = include_str!("../../../../shaders/weights_q6_k.wgsl");
 
-/// A matrix-product tile: (R output rows, TB batch rows, G groups of 32 lanes per workgroup);
-/// see matmul.wgsl.
-pub type Tile = (u32, u32, u32);
+/// A matrix-product tile: (R output rows, TB batch rows, G groups of 32 lanes per workgroup,
+/// U chunks loaded at a time: UNROLL); see matmul.wgsl.
+pub type Tile = (u32, u32, u32, u32);
 
-/// Default tiles: one row alone (2 rows a group, 4 groups), and batches (8 rows by 8 batch
-/// rows a group; 4 rows when gated, to keep the partials in registers and workgroup memory).
-const DECODE_TILE: Tile = (2, 1, 4);
-const BATCH_TILE: Tile = (8, 8, 1);
+/// Default tiles, the fastest of those measured on an H100 (docs/benchmarks.md): one row alone
+/// (1 row a group, 8 groups), and batches (4 rows by 8 batch rows a group, 2 groups; 2 rows
+/// when gated, to keep the partials within workgroup memory).
+const DECODE_TILE: Tile = (1, 1, 8, 1);
+const BATCH_TILE: Tile = (4, 8, 2, 1);
 
 /// Workgroup memory the matrix product may use: WebGPU's default limit, which every adapter
 /// grants.
 const WORKGROUP_FLOATS: u32 = 16384 / 4;
 
 /// The partial sums a lane keeps for `tile`.
-fn partial_sets((r, tb, _): Tile, gated: bool) -> u32 {
+fn partial_sets((r, tb, _, _): Tile, gated: bool) -> u32 {
     r * tb * if gated { 2 } else { 1 } + tb
 }
 
 /// Whether `tile`'s partials fit workgroup memory (matmul.wgsl's `red` and `sums`).
 pub fn tile_fits(tile: Tile, gated: bool) -> bool {
-    let (r, tb, g) = tile;
+    let (r, tb, g, u) = tile;
     let sets = partial_sets(tile, gated);
-    r >= 1 && tb >= 1 && matches!(g, 1 | 2 | 4 | 8) && g * (32 * (sets | 1) + sets) <= WORKGROUP_FLOATS
+    r >= 1 && tb >= 1 && matches!(g, 1 | 2 | 4 | 8) && matches!(u, 1 | 2 | 4) && g * (32 * (sets | 1) + sets) <= WORKGROUP_FLOATS
 }
 
 /// The matrix-product tiles of one backend: for one row alone, and for batches.
@@ -73,16 +74,18 @@ impl Default for Tiles {
 }
 
 impl Tiles {
-    /// The defaults, or `UPG_BATCH_GPU_DECODE_TILE=RxG` and `UPG_BATCH_GPU_BATCH_TILE=RxTBxG`
+    /// The defaults, or `UPG_BATCH_GPU_DECODE_TILE=RxG[xU]` and `UPG_BATCH_GPU_BATCH_TILE=RxTBxG[xU]`
     /// (for benchmarks comparing tiles); a tile whose partials do not fit keeps the default.
     pub fn from_env() -> Tiles {
         let parse = |name: &str| -> Option<Vec<u32>> { std::env::var(name).ok()?.split('x').map(|p| p.trim().parse().ok()).collect() };
         let decode = match parse("UPG_BATCH_GPU_DECODE_TILE").as_deref() {
-            Some(&[r, g]) if tile_fits((r, 1, g), true) => (r, 1, g),
+            Some(&[r, g]) if tile_fits((r, 1, g, 1), true) => (r, 1, g, 1),
+            Some(&[r, g, u]) if tile_fits((r, 1, g, u), true) => (r, 1, g, u),
             _ => DECODE_TILE,
         };
         let batch = match parse("UPG_BATCH_GPU_BATCH_TILE").as_deref() {
-            Some(&[r, tb, g]) if tile_fits((r, tb, g), false) => (r, tb, g),
+            Some(&[r, tb, g]) if tile_fits((r, tb, g, 1), false) => (r, tb, g, 1),
+            Some(&[r, tb, g, u]) if tile_fits((r, tb, g, u), false) => (r, tb, g, u),
             _ => BATCH_TILE,
         };
         Tiles { decode, batch }
@@ -111,7 +114,8 @@ pub enum Slot {
 /// One kernel variant.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum KernelId {
-    /// `tile`: (output rows, batch rows, groups) per workgroup (R, TB, G in matmul.wgsl).
+    /// `tile`: (output rows, batch rows, groups, chunks at a time) per workgroup (R, TB, G, U
+    /// in matmul.wgsl).
     /// `qkv`: three matrices (q, k, v) into three outputs in one dispatch.
     Matmul {
         format: WeightFormat,
@@ -150,8 +154,8 @@ impl KernelId {
 
     pub fn name(self) -> String {
         match self {
-            KernelId::Matmul { format, gated, tile: (r, tb, g), qkv } => {
-                format!("matmul_{}{}{}_{r}x{tb}x{g}", format.name(), if gated { "_gated" } else { "" }, if qkv { "_qkv" } else { "" })
+            KernelId::Matmul { format, gated, tile: (r, tb, g, u), qkv } => {
+                format!("matmul_{}{}{}_{r}x{tb}x{g}x{u}", format.name(), if gated { "_gated" } else { "" }, if qkv { "_qkv" } else { "" })
             }
             KernelId::Embed(f) => format!("embed_{}", f.name()),
             KernelId::RmsNorm => "rmsnorm".into(),
@@ -165,13 +169,14 @@ impl KernelId {
     /// The assembled WGSL source.
     pub fn source(self) -> String {
         match self {
-            KernelId::Matmul { format, gated, tile: (r, tb, g), qkv } => {
+            KernelId::Matmul { format, gated, tile: (r, tb, g, u), qkv } => {
                 let ss0 = if gated { 2 * r * tb } else { r * tb };
                 let body = MATMUL
                     .replace("$GATED", if gated { "true" } else { "false" })
                     .replace("$R", &r.to_string())
                     .replace("$TB", &tb.to_string())
                     .replace("$G", &g.to_string())
+                    .replace("$U", &u.to_string())
                     .replace("$SS0", &ss0.to_string());
                 let mut source = format!("{}\n{}\n", matmul_weight_snippet(format, "W", 1), matmul_weight_snippet(format, "U", 6));
                 if qkv {
