@@ -97,7 +97,13 @@ fn load_tokenizer(path: &PathBuf) -> Result<Tokenizer> {
     if !path.is_file() {
         return Err(EngineError::Tokenizer { path: path.clone(), message: "missing".into() });
     }
-    Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer { path: path.clone(), message: format!("cannot parse: {e}") })
+    let bytes = std::fs::read(path).map_err(|e| EngineError::Tokenizer { path: path.clone(), message: format!("cannot read: {e}") })?;
+    tokenizer_from_bytes(path, &bytes)
+}
+
+/// The tokenizer of tokenizer.json file `path`, whose contents are `bytes`.
+pub fn tokenizer_from_bytes(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
+    Tokenizer::from_bytes(bytes).map_err(|e| EngineError::Tokenizer { path: path.to_path_buf(), message: format!("cannot parse: {e}") })
 }
 
 /// EOS ids from generation_config.json (a single id or a list), else from config.json.

@@ -207,7 +207,12 @@ pub fn token_ids(path: &Path, key: &str, v: Option<&Value>) -> Result<Vec<u32>> 
 
 pub fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| EngineError::file(path, format!("cannot read: {e}")))?;
-    match serde_json::from_str::<Value>(&text) {
+    parse_json_object(path, &text)
+}
+
+/// The JSON object of file `path` whose text is `text`.
+pub fn parse_json_object(path: &Path, text: &str) -> Result<Map<String, Value>> {
+    match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(obj)) => Ok(obj),
         Ok(_) => Err(EngineError::file(path, "expected a JSON object")),
         Err(e) => Err(EngineError::file(path, format!("malformed JSON: {e}"))),
