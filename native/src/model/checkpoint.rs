@@ -183,7 +183,7 @@ pub fn shard_files(index: &Path, text: &str) -> Result<Vec<PathBuf>> {
     let mut files = BTreeSet::new();
     for (tensor, file) in map {
         let name = file.as_str().ok_or_else(|| EngineError::field(index, format!("weight_map.{tensor}"), "expected a file name"))?;
-        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+        if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
             return Err(EngineError::field(index, format!("weight_map.{tensor}"), format!("{name:?} is not a plain file name")));
         }
         files.insert(name.to_string());

@@ -5,5 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod gguf_model;
+#[cfg(test)]
+mod loader_tests;
 pub mod rope;
 pub mod scheme;
