@@ -105,7 +105,7 @@ fn load_tokenizer(path: &PathBuf) -> Result<Tokenizer> {
 /// The tokenizer of tokenizer.json file `path`, whose contents are `bytes`.
 pub fn tokenizer_from_bytes(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
     let err = |message: String| EngineError::Tokenizer { path: path.to_path_buf(), message };
-    tokenizer_file::check_before_parse(bytes).map_err(|e| err(format!("cannot parse: {e}")))?;
+    tokenizer_file::check_before_parse(bytes).map_err(err)?;
     // The tokenizers library panics, rather than erring, on some malformed files (its
     // deserializers unwrap), e.g. a decoder nested past serde_json's recursion limit.
     let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes))

@@ -33,7 +33,7 @@ const MAX_ADDED_TOKEN_BYTES: usize = 1024;
 /// Before parsing: added tokens' lengths, the number of patterns, and every SentencePiece charsmap
 /// (`precompiled_charsmap`) of the normalizer.
 pub fn check_before_parse(bytes: &[u8]) -> Result<(), String> {
-    let file: Sections = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let file: Sections = serde_json::from_slice(bytes).map_err(|e| format!("cannot parse: {e}"))?;
     for (i, t) in file.added_tokens.as_ref().and_then(Value::as_array).into_iter().flatten().enumerate() {
         let len = t.get("content").and_then(Value::as_str).map_or(0, str::len);
         if len > MAX_ADDED_TOKEN_BYTES {
