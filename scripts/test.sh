@@ -14,9 +14,11 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 python3 -m pip install --quiet --editable ".[test]"
 
 (cd native && cargo test --release --quiet)
-# A bounded pass of the GGUF parser's mutational fuzzer (a failure saves the input under
-# native/fuzz/crashes/ and fails the run).
+# Bounded passes of the mutational fuzzers (a failure saves the input under
+# native/fuzz/crashes/ and fails the run): the GGUF parser for 60 s, then the Hugging Face
+# folder loaders (safetensors header, config.json, the shard index, tokenizer.json) 15 s each.
 (cd native && cargo run --release --quiet --example fuzz_gguf -- --seconds 60)
+(cd native && cargo run --release --quiet --example fuzz_model_files -- --target all --seconds 15)
 
 status=0
 python3 -m pytest -q "$@" || status=$?

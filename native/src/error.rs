@@ -42,3 +42,9 @@ impl EngineError {
         EngineError::Tensor { path: path.into(), name: name.into(), message: message.into() }
     }
 }
+
+/// The message of a caught panic's payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let msg = payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned());
+    msg.unwrap_or_else(|| "(no message)".into())
+}

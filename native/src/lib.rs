@@ -5,10 +5,18 @@
 pub mod backend;
 pub mod engine;
 pub mod error;
+/// Mutational fuzzing of the model-file loaders (the fuzz examples and bounded tests).
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gguf;
 pub mod model;
 pub mod quant;
 pub mod tensor;
+
+// The bounded fuzz tests check each input's allocations; counting is per thread.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: fuzzing::alloc::Counting = fuzzing::alloc::Counting;
 
 use std::path::PathBuf;
 

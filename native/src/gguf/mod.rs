@@ -7,7 +7,7 @@
 //! Metadata values are kept as the file types them (`MetaValue`); `Metadata`'s accessors
 //! convert and name the key in every error.
 
-/// The mutational fuzzer of `reader::parse` (the `fuzz_gguf` example and a bounded test).
+/// The fuzz target of `reader::parse` (the `fuzz_gguf` example and a bounded test).
 #[doc(hidden)]
 pub mod fuzz;
 pub mod reader;

@@ -303,15 +303,7 @@ fn refuses_arrays_nested_too_deep() {
 
 #[test]
 fn corpus_parses_and_survives_bounded_fuzzing() {
-    let corpus = crate::gguf::fuzz::load_corpus(&crate::gguf::fuzz::corpus_dir()).unwrap();
-    for seed in &corpus {
-        parse(Path::new("seed.gguf"), seed).unwrap();
-    }
-    let out = crate::gguf::fuzz::run(&corpus, 0x6767_7566, Some(100_000), None);
-    if let Some((input, msg)) = out.failure {
-        panic!("{msg} on a {}-byte input (run the fuzz_gguf example to save it): {input:02x?}", input.len());
-    }
-    assert_eq!(out.iterations, 100_000);
+    crate::fuzzing::bounded_test(&crate::gguf::fuzz::Gguf, 0x6767_7566, 100_000);
 }
 
 /// A real model, when present (not in CI): `cargo test --release --lib gguf -- --ignored`.

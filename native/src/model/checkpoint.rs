@@ -11,7 +11,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use super::config::read_json_object;
+use super::config::parse_json_object;
 use crate::tensor::{DType, HostTensor, SharedBytes};
 use crate::error::{EngineError, Result};
 
@@ -58,10 +58,16 @@ impl Checkpoint {
         // SAFETY: the file is mapped read-only; a checkpoint modified while the engine runs
         // is outside what any engine can defend against.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::file(&path, format!("cannot map: {e}")))?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+        self.add_safetensors(path, Arc::new(map))
+    }
+
+    /// The tensors of safetensors file `path`, whose contents are `bytes`.
+    pub fn add_safetensors(&mut self, path: PathBuf, bytes: SharedBytes) -> Result<()> {
+        let data: &[u8] = (*bytes).as_ref();
+        let (header_len, metadata) = SafeTensors::read_metadata(data).map_err(|e| {
             // Only a file that is not valid safetensors is examined for pickle: a safetensors
             // header length can start with the same two bytes as a pickle stream.
-            if looks_like_pickle(&map) {
+            if looks_like_pickle(data) {
                 EngineError::file(&path, "this is a pickle/PyTorch checkpoint, not safetensors; pickle formats are refused")
             } else {
                 EngineError::file(&path, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
@@ -85,8 +91,18 @@ impl Checkpoint {
             }
         }
         self.paths.push(path);
-        self.maps.push(Arc::new(map));
+        self.maps.push(bytes);
         Ok(())
+    }
+
+    /// The files read, in the order their bytes were added.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    /// Every tensor: name, file (index into `files`), dtype, shape and byte range.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, usize, DType, &[usize], std::ops::Range<usize>)> {
+        self.tensors.iter().map(|(n, e)| (n.as_str(), e.file, e.dtype, e.shape.as_slice(), e.start..e.end))
     }
 
     /// A checkpoint of tensors placed by the caller (`add_bytes`, `insert`): GGUF files.
@@ -153,7 +169,13 @@ fn looks_like_pickle(bytes: &[u8]) -> bool {
 }
 
 fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
-    let obj = read_json_object(index)?;
+    let text = std::fs::read_to_string(index).map_err(|e| EngineError::file(index, format!("cannot read: {e}")))?;
+    shard_files(index, &text)
+}
+
+/// The shard files named by index file `index` (text `text`), all in the index's folder.
+pub fn shard_files(index: &Path, text: &str) -> Result<Vec<PathBuf>> {
+    let obj = parse_json_object(index, text)?;
     let Some(Value::Object(map)) = obj.get("weight_map") else {
         return Err(EngineError::field(index, "weight_map", "missing or not an object"));
     };
@@ -161,7 +183,7 @@ fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
     let mut files = BTreeSet::new();
     for (tensor, file) in map {
         let name = file.as_str().ok_or_else(|| EngineError::field(index, format!("weight_map.{tensor}"), "expected a file name"))?;
-        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+        if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
             return Err(EngineError::field(index, format!("weight_map.{tensor}"), format!("{name:?} is not a plain file name")));
         }
         files.insert(name.to_string());

@@ -128,6 +128,7 @@ pub fn gemma3_sliding_layers(layers: usize, pattern: usize) -> Vec<bool> {
 }
 
 const MAX_DIM: u64 = 1 << 24;
+pub const MAX_LAYERS: usize = 1024;
 
 struct Fields<'a> {
     path: &'a Path,
@@ -207,7 +208,12 @@ pub fn token_ids(path: &Path, key: &str, v: Option<&Value>) -> Result<Vec<u32>> 
 
 pub fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| EngineError::file(path, format!("cannot read: {e}")))?;
-    match serde_json::from_str::<Value>(&text) {
+    parse_json_object(path, &text)
+}
+
+/// The JSON object of file `path` whose text is `text`.
+pub fn parse_json_object(path: &Path, text: &str) -> Result<Map<String, Value>> {
+    match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(obj)) => Ok(obj),
         Ok(_) => Err(EngineError::file(path, "expected a JSON object")),
         Err(e) => Err(EngineError::file(path, format!("malformed JSON: {e}"))),
@@ -268,6 +274,10 @@ impl ModelConfig {
             _ => None,
         };
         let num_hidden_layers = f.usize_req("num_hidden_layers")?;
+        if num_hidden_layers > MAX_LAYERS {
+            // Per-layer tables are sized by this before any weight is read.
+            return Err(f.err("num_hidden_layers", format!("{num_hidden_layers} layers; at most {MAX_LAYERS} are read (models have a few hundred at most)")));
+        }
         let (rope_theta, rope_scaling, blocks) = if gemma {
             gemma3_blocks(&f, hidden_size, head_dim, num_hidden_layers)?
         } else {
@@ -382,13 +392,12 @@ fn parse_rope(f: &Fields, layer_type: Option<&str>) -> Result<(f64, RopeScaling)
         (None, Some(v)) => return Err(f.err("rope_scaling", format!("expected an object or null, got {v}"))),
         (None, None) => ("rope_scaling", None),
     };
-    let theta = match section.and_then(|s| f.f64_opt(s, "rope_theta", &format!("{section_name}.rope_theta")).transpose()) {
-        Some(t) => t?,
-        None => f.f64_opt(f.obj, "rope_theta", "rope_theta")?.unwrap_or(10000.0),
+    let in_section = format!("{section_name}.rope_theta");
+    let (theta_name, theta) = match section.and_then(|s| f.f64_opt(s, "rope_theta", &in_section).transpose()) {
+        Some(t) => (in_section.as_str(), t?),
+        None => ("rope_theta", f.f64_opt(f.obj, "rope_theta", "rope_theta")?.unwrap_or(10000.0)),
     };
-    if theta <= 0.0 {
-        return Err(f.err("rope_theta", "must be positive"));
-    }
+    check_rope_base(f, theta_name, theta)?;
     let Some(s) = section else { return Ok((theta, RopeScaling::None)) };
     let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
     // A positive number of the rope section, named with its section in errors. Factors past
@@ -399,6 +408,9 @@ fn parse_rope(f: &Fields, layer_type: Option<&str>) -> Result<(f64, RopeScaling)
         match f.f64_opt(s, key, &name)? {
             None => Err(f.err(&name, format!("missing for rope_type {kind:?}"))),
             Some(x) if x <= 0.0 => Err(f.err(&name, format!("must be positive, got {x}"))),
+            // As transformers validates it: below 1 the scaling compresses positions instead,
+            // and a tiny factor makes every frequency infinite.
+            Some(x) if key == "factor" && x < 1.0 => Err(f.err(&name, format!("must be at least 1, got {x:e}"))),
             Some(x) if key.ends_with("factor") && x > MAX_ROPE_FACTOR => Err(f.err(&name, format!("{x:e} is beyond any model's scaling (at most {MAX_ROPE_FACTOR})"))),
             Some(x) => Ok(x),
         }
@@ -429,6 +441,15 @@ fn parse_rope(f: &Fields, layer_type: Option<&str>) -> Result<(f64, RopeScaling)
         }
     };
     Ok((theta, scaling))
+}
+
+/// A rotary base below 1 gives frequencies above 1 that grow without bound as it nears 0
+/// (infinite, then NaN angles); every model uses thousands or more.
+fn check_rope_base(f: &Fields, name: &str, theta: f64) -> Result<()> {
+    if theta < 1.0 {
+        return Err(f.err(name, format!("must be at least 1, got {theta:e}")));
+    }
+    Ok(())
 }
 
 /// Gemma 3 (`Gemma3ForCausalLM`, model_type `gemma3_text`): global layers rotate with
@@ -468,9 +489,11 @@ fn gemma3_blocks(f: &Fields, hidden: usize, head_dim: usize, layers: usize) -> R
         Some(Value::Object(p)) if p.contains_key("sliding_attention") => parse_rope(f, Some("sliding_attention"))?.0,
         _ => f.f64_opt(f.obj, "rope_local_base_freq", "rope_local_base_freq")?.unwrap_or(10000.0),
     };
+    check_rope_base(f, "rope_local_base_freq", local_theta)?;
     let scalar = f.f64_opt(f.obj, "query_pre_attn_scalar", "query_pre_attn_scalar")?.unwrap_or(head_dim as f64);
-    if scalar <= 0.0 || local_theta <= 0.0 {
-        return Err(f.err("query_pre_attn_scalar", "query_pre_attn_scalar and rope_local_base_freq must be positive"));
+    // The attention scale is 1/sqrt(scalar) in f32: a tiny scalar makes it infinite, a huge one 0.
+    if !(1.0..=MAX_DIM as f64).contains(&scalar) {
+        return Err(f.err("query_pre_attn_scalar", format!("must be between 1 and {MAX_DIM}, got {scalar:e}")));
     }
     Ok((theta, scaling, Blocks::gemma3(hidden, sliding, local_theta, scalar, 1.0)))
 }

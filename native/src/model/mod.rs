@@ -4,6 +4,11 @@
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+/// Fuzz targets of the Hugging Face folder loaders (the fuzz_model_files example and bounded tests).
+#[doc(hidden)]
+pub mod fuzz;
 pub mod gguf_model;
+#[cfg(test)]
+mod loader_tests;
 pub mod rope;
 pub mod scheme;
