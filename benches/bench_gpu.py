@@ -89,6 +89,37 @@ def sweep_tiles(model_dir: Path, args: argparse.Namespace, ceiling: float) -> di
     return out
 
 
+def kernel_profile(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """GPU time per kernel at batch 1 (fused): each dispatch in its own timed pass
+    (UPG_BATCH_GPU_PROFILE_KERNELS=1), so the sum is a little above a normal step's time."""
+    import os
+
+    from upg_batch import Engine
+
+    os.environ["UPG_BATCH_GPU_PROFILE_KERNELS"] = "1"
+    try:
+        eng = Engine(model_dir, backend="gpu", weights=args.weights, max_batch=1, context=args.context)
+    finally:
+        del os.environ["UPG_BATCH_GPU_PROFILE_KERNELS"]
+    prompt = [list(range(2, 2 + args.prompt_len))]
+    timed_generate(eng, prompt, 2)
+    start = eng.info["gpu_profile"]["kernels"]
+    timed_generate(eng, prompt, 1)  # the prompt's step alone, subtracted below
+    mid = eng.info["gpu_profile"]["kernels"]
+    timed_generate(eng, prompt, 1 + args.decode_tokens)
+    end = eng.info["gpu_profile"]["kernels"]
+    steps = args.decode_tokens
+    out = {}
+    for name, (c2, s2) in end.items():
+        c0, s0 = start.get(name, (0, 0.0))
+        c1, s1 = mid.get(name, (0, 0.0))
+        count, seconds = (c2 - c1) - (c1 - c0), (s2 - s1) - (s1 - s0)
+        if count > 0:
+            out[name] = {"per_step": round(count / steps, 2), "us_per_call": round(seconds / count * 1e6, 2),
+                         "ms_per_step": round(seconds / steps * 1e3, 4)}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["ms_per_step"]))
+
+
 def run_peer(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """transformers `generate` in bf16 on the same weights: eager, and with the static cache
     (which compiles its decode step), at the same batch sizes."""
@@ -153,6 +184,7 @@ def main() -> int:
                     "(R output rows, G groups of 32 lanes a workgroup), e.g. 1x8,2x4,4x4")
     ap.add_argument("--batch-tiles", help="also run the fused path at the largest batch and in prefill with each "
                     "tile RxTBxG (TB batch rows), e.g. 8x8x1,4x8x2")
+    ap.add_argument("--kernel-profile", action="store_true", help="also time each kernel at batch 1 (fused)")
     args = ap.parse_args()
 
     from upg_batch import Engine, _native
@@ -185,6 +217,8 @@ def main() -> int:
         report["paths"][path] = run_engine(model_dir, args, path == "fused", ceiling)
     if args.decode_tiles or args.batch_tiles:
         report["tile_sweep"] = sweep_tiles(model_dir, args, ceiling)
+    if args.kernel_profile:
+        report["kernel_profile_batch_1"] = kernel_profile(model_dir, args)
     if args.peer:
         report["peer_transformers_bf16"] = run_peer(model_dir, args)
     print(json.dumps(report, indent=2))
@@ -201,6 +235,13 @@ def main() -> int:
         for name, v in results.items():
             gpu = f"{v['gpu_ms_per_step']:.2f}" if v.get("gpu_ms_per_step") is not None else "-"
             print(f"{tile:<34}{name:<18}{v['tokens_per_s']:>10.1f}{gpu:>9}{v['wall_ms_per_step']:>9.2f}")
+    kernels = report.get("kernel_profile_batch_1", {})
+    if kernels:
+        print(f"\n{'kernel (workgroups)':<44}{'per step':>9}{'us/call':>10}{'ms/step':>10}")
+        for name, v in kernels.items():
+            print(f"{name:<44}{v['per_step']:>9}{v['us_per_call']:>10.1f}{v['ms_per_step']:>10.3f}")
+        print(f"{'total':<44}{sum(v['per_step'] for v in kernels.values()):>9.0f}{'':>10}"
+              f"{sum(v['ms_per_step'] for v in kernels.values()):>10.3f}")
     peer = report.get("peer_transformers_bf16", {})
     for mode in ("eager", "static_compiled"):
         for name, v in peer.get(mode, {}).items():

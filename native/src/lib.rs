@@ -174,6 +174,13 @@ impl NativeEngine {
             p.set_item("encode_s", encode)?;
             p.set_item("wall_s", wall)?;
             p.set_item("gpu_s", gpu)?;
+            // With UPG_BATCH_GPU_PROFILE_KERNELS=1: "kernel GXxGY" -> (dispatches, GPU seconds),
+            // each dispatch timed in its own pass.
+            let k = PyDict::new(py);
+            for (name, count, seconds) in e.model.gpu_kernel_times() {
+                k.set_item(name, (count, seconds))?;
+            }
+            p.set_item("kernels", k)?;
             d.set_item("gpu_profile", p)?;
         }
         Ok(d)

@@ -118,6 +118,16 @@ impl Model {
         }
     }
 
+    /// GPU seconds per kernel and workgroup count since load: (kernel, dispatches, seconds);
+    /// empty unless `UPG_BATCH_GPU_PROFILE_KERNELS=1` was set when the GPU was opened.
+    pub fn gpu_kernel_times(&self) -> Vec<(String, u64, f64)> {
+        match self {
+            Model::Cpu(_) => Vec::new(),
+            #[cfg(feature = "gpu")]
+            Model::Gpu(m) => m.backend.kernel_times(),
+        }
+    }
+
     /// The GPU's step profile: (steps, dispatches, encode s, wall s, GPU s or None).
     pub fn gpu_profile(&self) -> Option<(u64, u64, f64, f64, Option<f64>)> {
         match self {

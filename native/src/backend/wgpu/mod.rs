@@ -187,6 +187,11 @@ impl WgpuBackend {
         self.rec().profile
     }
 
+    /// GPU seconds per kernel (see `Recorder::kernel_totals`).
+    pub fn kernel_times(&self) -> Vec<(String, u64, f64)> {
+        self.rec().kernel_totals()
+    }
+
     fn rec(&self) -> MutexGuard<'_, Recorder> {
         self.rec.lock().unwrap_or_else(|e| e.into_inner())
     }

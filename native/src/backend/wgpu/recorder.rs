@@ -69,6 +69,20 @@ pub struct Recorder {
     /// When the first dispatch of the step was recorded.
     first_dispatch: Option<Instant>,
     pub profile: Profile,
+    /// With `UPG_BATCH_GPU_PROFILE_KERNELS=1` (benchmarks): each dispatch in its own timed pass.
+    kernel_timing: Option<KernelTiming>,
+}
+
+/// GPU time per kernel: a pass per dispatch, timestamps at its beginning and end.
+struct KernelTiming {
+    set: ::wgpu::QuerySet,
+    resolve: ::wgpu::Buffer,
+    read: ::wgpu::Buffer,
+    /// The kernel of each dispatch recorded since the last submit: its name and workgroups.
+    recorded: Vec<String>,
+    capacity: usize,
+    /// Per kernel and workgroup count: dispatches and seconds.
+    pub totals: HashMap<String, (u64, f64)>,
 }
 
 struct Timestamps {
@@ -112,6 +126,20 @@ impl Recorder {
             period_ns: gpu.queue.get_timestamp_period() as f64,
         });
         let profile = Profile { has_timestamps: timestamps.is_some(), ..Default::default() };
+        let kernel_timing = (timestamps.is_some() && std::env::var("UPG_BATCH_GPU_PROFILE_KERNELS").is_ok_and(|v| v == "1")).then(|| {
+            // wgpu allows 4096 queries a set: the first 2048 dispatches of a step are timed.
+            let timed = max_dispatches.min(2048);
+            let bytes = 16 * timed as u64;
+            let buffer = |label, usage| gpu.device.create_buffer(&::wgpu::BufferDescriptor { label: Some(label), size: bytes, usage, mapped_at_creation: false });
+            KernelTiming {
+                set: gpu.device.create_query_set(&::wgpu::QuerySetDescriptor { label: Some("kernel time"), ty: ::wgpu::QueryType::Timestamp, count: 2 * timed as u32 }),
+                resolve: buffer("kernel time resolve", ::wgpu::BufferUsages::QUERY_RESOLVE | ::wgpu::BufferUsages::COPY_SRC),
+                read: buffer("kernel time read", ::wgpu::BufferUsages::MAP_READ | ::wgpu::BufferUsages::COPY_DST),
+                recorded: Vec::new(),
+                capacity: timed,
+                totals: HashMap::new(),
+            }
+        });
         Recorder {
             encoder: None,
             pass: None,
@@ -123,6 +151,7 @@ impl Recorder {
             timestamps,
             first_dispatch: None,
             profile,
+            kernel_timing,
         }
     }
 
@@ -163,15 +192,28 @@ impl Recorder {
             });
             self.bind_groups.insert(key.clone(), group);
         }
+        if let Some(k) = self.kernel_timing.as_mut() {
+            if k.recorded.len() < k.capacity {
+                self.pass = None; // each dispatch its own pass, timed below
+                k.recorded.push(format!("{} {}x{}", kernel.id.name(), groups.0, groups.1));
+            }
+        }
         if self.pass.is_none() {
             self.first_dispatch.get_or_insert_with(Instant::now);
             let mut encoder = self.encoder.take().unwrap_or_else(|| gpu.device.create_command_encoder(&Default::default()));
-            // Only the step's first pass is timed (a step records one pass).
-            let timestamp_writes = self.timestamps.as_ref().filter(|_| self.dispatches == 0).map(|t| ::wgpu::ComputePassTimestampWrites {
-                query_set: &t.set,
-                beginning_of_pass_write_index: Some(0),
-                end_of_pass_write_index: Some(1),
-            });
+            // Only the step's first pass is timed (a step records one pass), or each kernel's.
+            let timestamp_writes = match &self.kernel_timing {
+                Some(k) => Some(::wgpu::ComputePassTimestampWrites {
+                    query_set: &k.set,
+                    beginning_of_pass_write_index: Some(2 * (k.recorded.len() as u32 - 1)),
+                    end_of_pass_write_index: Some(2 * (k.recorded.len() as u32 - 1) + 1),
+                }),
+                None => self.timestamps.as_ref().filter(|_| self.dispatches == 0).map(|t| ::wgpu::ComputePassTimestampWrites {
+                    query_set: &t.set,
+                    beginning_of_pass_write_index: Some(0),
+                    end_of_pass_write_index: Some(1),
+                }),
+            };
             let pass = encoder.begin_compute_pass(&::wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes }).forget_lifetime();
             self.encoder = Some(encoder);
             self.pass = Some(pass);
@@ -201,7 +243,12 @@ impl Recorder {
         }
         let staging = self.staging.clone().expect("staging allocated above");
         encoder.copy_buffer_to_buffer(&src.buf, 0, &staging.buf, 0, bytes);
-        let timed = self.dispatches > 0 && self.timestamps.is_some();
+        let timed = self.dispatches > 0 && self.timestamps.is_some() && self.kernel_timing.is_none();
+        let kernels = self.kernel_timing.as_ref().map_or(0, |k| k.recorded.len() as u64);
+        if let Some(k) = self.kernel_timing.as_ref().filter(|_| kernels > 0) {
+            encoder.resolve_query_set(&k.set, 0..2 * kernels as u32, &k.resolve, 0);
+            encoder.copy_buffer_to_buffer(&k.resolve, 0, &k.read, 0, 16 * kernels);
+        }
         if let Some(t) = self.timestamps.as_ref().filter(|_| timed) {
             encoder.resolve_query_set(&t.set, 0..2, &t.resolve, 0);
             encoder.copy_buffer_to_buffer(&t.resolve, 0, &t.read, 0, 16);
@@ -220,6 +267,9 @@ impl Recorder {
         self.dispatches = 0;
         if let Some(t) = self.timestamps.as_ref().filter(|_| timed) {
             t.read.slice(..).map_async(::wgpu::MapMode::Read, |_| {});
+        }
+        if let Some(k) = self.kernel_timing.as_ref().filter(|_| kernels > 0) {
+            k.read.slice(..16 * kernels).map_async(::wgpu::MapMode::Read, |_| {});
         }
         let slice = staging.buf.slice(..bytes);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -242,14 +292,32 @@ impl Recorder {
             t.read.unmap();
             self.profile.gpu_s += ticks[1].saturating_sub(ticks[0]) as f64 * t.period_ns * 1e-9;
         }
+        if let (Some(k), Some(t)) = (self.kernel_timing.as_mut().filter(|_| kernels > 0), self.timestamps.as_ref()) {
+            let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&k.read.slice(..16 * kernels).get_mapped_range());
+            k.read.unmap();
+            for (name, pair) in k.recorded.drain(..).zip(ticks.chunks_exact(2)) {
+                let s = pair[1].saturating_sub(pair[0]) as f64 * t.period_ns * 1e-9;
+                let e = k.totals.entry(name).or_default();
+                *e = (e.0 + 1, e.1 + s);
+                self.profile.gpu_s += s;
+            }
+        }
         if let Some(s) = started {
             self.profile.wall_s += s.elapsed().as_secs_f64();
         }
         Ok(out)
     }
 
+    /// GPU seconds per kernel and workgroup count (with `UPG_BATCH_GPU_PROFILE_KERNELS=1`).
+    pub fn kernel_totals(&self) -> Vec<(String, u64, f64)> {
+        self.kernel_timing.as_ref().map_or_else(Vec::new, |k| k.totals.iter().map(|(n, &(c, s))| (n.clone(), c, s)).collect())
+    }
+
     /// Drops whatever was recorded and not submitted.
     pub fn reset(&mut self) {
+        if let Some(k) = self.kernel_timing.as_mut() {
+            k.recorded.clear();
+        }
         self.first_dispatch = None;
         self.pass = None;
         self.encoder = None;
