@@ -498,3 +498,21 @@ def test_a_fault_injected_inside_a_commit_leaves_no_duplicate_and_no_orphan(tmp_
     c.close()
     assert _ids(out) == [0, 1, 2, 3, 4]  # exactly once
     assert output_files(out) == sorted([LOCK, MANIFEST, SUCCESS, "part-000000.arrow", "part-000001.arrow", "part-000002.arrow"])
+
+
+def test_a_kill_between_the_final_snapshot_and_success_is_repaired(tmp_path: Path, monkeypatch):
+    """Killed after the snapshot marked the job complete but before _SUCCESS: the next run
+    finds the job complete (nothing to run) and writes _SUCCESS from the stored summary."""
+    out = tmp_path / "out"
+    c = Committer(out, FP, 1, "arrow")
+    _commit(c, 0, [0])
+    monkeypatch.setattr(c, "_write_success", lambda: (_ for _ in ()).throw(_Killed()))
+    with pytest.raises(_Killed):
+        c.finish({"status": "complete", "rows_ok": 1})
+    _crash(c)
+    assert json.loads((out / MANIFEST).read_text())["complete"] and not (out / SUCCESS).exists()
+    c = Committer(out, FP, 1, "arrow")
+    assert c.complete
+    c.restore_success()
+    c.close()
+    assert json.loads((out / SUCCESS).read_text()) == {"status": "complete", "rows_ok": 1}

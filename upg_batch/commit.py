@@ -354,8 +354,19 @@ class Committer:
         self.verify_parts()
         self._complete, self._summary = True, summary
         self._compact()
+        self._write_success()
+
+    def restore_success(self) -> None:
+        """A complete folder without _SUCCESS (the run was killed between the final snapshot
+        and _SUCCESS): write it from the stored summary, so readers waiting on it see the end."""
+        if self.complete and self._summary is not None and not (self.dir / SUCCESS).exists():
+            self._check_folder()
+            self.verify_parts()
+            self._write_success()
+
+    def _write_success(self) -> None:
         with self._writing(self.dir / SUCCESS):
-            _write_atomic(self.dir / SUCCESS, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
+            _write_atomic(self.dir / SUCCESS, (json.dumps(self._summary, indent=1, sort_keys=True) + "\n").encode())
 
     def _compact(self) -> None:
         """Rewrite the snapshot atomically with every committed shard, then remove the log. A

@@ -107,6 +107,7 @@ class Runner:
         try:
             if committer.complete and committer.summary is not None:
                 # nothing to run: the folder holds the whole job; its stored summary answers
+                committer.restore_success()
                 return {**committer.summary, "already_complete": True}
             skipped = sum(committer.is_committed(s.index) for s in plan.shards)
             todo = [s for s in plan.shards if not committer.is_committed(s.index)]
