@@ -302,7 +302,10 @@ class _Loop:
             try:
                 info = ray.get(ref, timeout=10)
             except (RayError, GetTimeoutError) as e:
-                self._actor_gone(slot, f"engine actor failed to start on {slot.node}: {_cause(e)}", starting=True)
+                # A process killed while it loaded the model (OOM killer, SIGKILL) is restarted
+                # like any dead actor; an actor whose __init__ raised is a bad job, given up.
+                died = isinstance(e, RayActorError) and not e.actor_init_failed
+                self._actor_gone(slot, f"engine actor failed to start on {slot.node}: {_cause(e)}", starting=not died)
                 return
             if info.get("error"):
                 self._actor_gone(slot, f"the model does not load on {slot.node}: {info['error']}", starting=True)
