@@ -500,19 +500,28 @@ def test_a_fault_injected_inside_a_commit_leaves_no_duplicate_and_no_orphan(tmp_
     assert output_files(out) == sorted([LOCK, MANIFEST, SUCCESS, "part-000000.arrow", "part-000001.arrow", "part-000002.arrow"])
 
 
-def test_a_kill_between_the_final_snapshot_and_success_is_repaired(tmp_path: Path, monkeypatch):
-    """Killed after the snapshot marked the job complete but before _SUCCESS: the next run
-    finds the job complete (nothing to run) and writes _SUCCESS from the stored summary."""
+@pytest.mark.parametrize("stage", ["before_log_removal", "before_success"])
+def test_a_kill_inside_finish_is_repaired_by_the_next_run(tmp_path: Path, monkeypatch, stage: str):
+    """Killed after the snapshot marked the job complete, before the log was removed or before
+    _SUCCESS was written: the next run finds the job complete (nothing to run), folds the log
+    away and writes _SUCCESS from the stored summary."""
     out = tmp_path / "out"
     c = Committer(out, FP, 1, "arrow")
     _commit(c, 0, [0])
-    monkeypatch.setattr(c, "_write_success", lambda: (_ for _ in ()).throw(_Killed()))
+    kill = lambda *a: (_ for _ in ()).throw(_Killed())  # noqa: E731
+    if stage == "before_log_removal":
+        monkeypatch.setattr(c.log, "remove", kill)
+    else:
+        monkeypatch.setattr(c, "_write_success", kill)
     with pytest.raises(_Killed):
         c.finish({"status": "complete", "rows_ok": 1})
     _crash(c)
     assert json.loads((out / MANIFEST).read_text())["complete"] and not (out / SUCCESS).exists()
+    assert (out / LOG).exists() == (stage == "before_log_removal")
     c = Committer(out, FP, 1, "arrow")
     assert c.complete
-    c.restore_success()
+    c.repair_complete()
     c.close()
+    assert output_files(out) == sorted([LOCK, MANIFEST, SUCCESS, "part-000000.arrow"])
     assert json.loads((out / SUCCESS).read_text()) == {"status": "complete", "rows_ok": 1}
+    assert _ids(out) == [0]

@@ -376,10 +376,16 @@ class Committer:
         self._compact()
         self._write_success()
 
-    def restore_success(self) -> None:
-        """A complete folder without _SUCCESS (the run was killed between the final snapshot
-        and _SUCCESS): write it from the stored summary, so readers waiting on it see the end."""
-        if self.complete and self._summary is not None and not (self.dir / SUCCESS).exists():
+    def repair_complete(self) -> None:
+        """Finish what a kill inside finish() left of a complete job: the log still there (killed
+        between the final snapshot and the log's removal; the snapshot holds its lines), or no
+        _SUCCESS (killed before it was written; readers waiting on it would wait forever)."""
+        if not self.complete or self._summary is None:
+            return
+        if self.log.path.exists():
+            self._check_folder()
+            self._compact()
+        if not (self.dir / SUCCESS).exists():
             self._check_folder()
             self.verify_parts()
             self._write_success()

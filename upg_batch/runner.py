@@ -112,7 +112,7 @@ class Runner:
                 committer.write_lock_note(None)
             if committer.complete and committer.summary is not None:
                 # nothing to run: the folder holds the whole job; its stored summary answers
-                committer.restore_success()
+                committer.repair_complete()
                 return {**committer.summary, "already_complete": True}
             skipped = sum(committer.is_committed(s.index) for s in plan.shards)
             todo = [s for s in plan.shards if not committer.is_committed(s.index)]
