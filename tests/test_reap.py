@@ -110,3 +110,14 @@ def test_the_note_lives_in_the_lock_file(tmp_path: Path):
     c.write_lock_note(None)
     assert c.read_lock_note() is None
     c.close()
+
+
+def test_without_proc_nothing_is_noted_or_reaped(tmp_path: Path, procs, monkeypatch):
+    session = tmp_path / "ray" / "session_y"
+    ours = _holder(session / "logs" / "agent.log")
+    procs.append(ours)
+    note = _dead_owner_note(tmp_path, session)
+    monkeypatch.setattr(reap, "SUPPORTED", False)  # as on macOS
+    assert reap.note_for_this_process(str(tmp_path / "ray")) is None
+    assert reap.reap_dead_session(note) == []
+    assert ours.poll() is None

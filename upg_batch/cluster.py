@@ -29,7 +29,7 @@ __all__ = ["Slot", "connect", "no_slots_message", "node_alive", "plan_slots", "s
 log = logging.getLogger("upg_batch")
 
 
-def connect(cluster: ClusterSection, note: Callable[[dict[str, Any]], None] | None = None) -> bool:
+def connect(cluster: ClusterSection, note: Callable[[dict[str, Any] | None], None] | None = None) -> bool:
     """Initialize Ray unless it already is. Returns True if this call started or joined it.
     A private Ray this call starts is described to `note` (reap.note_for_this_process) before
     ray.init and again once its session folder is known, so a later run can stop what is left

@@ -33,6 +33,10 @@ __all__ = ["note_for_this_process", "reap_dead_session", "reap_session", "sessio
 
 log = logging.getLogger("upg_batch")
 
+# what this needs of a process (its session, start time, open files) is read from Linux's /proc;
+# elsewhere nothing is noted and nothing reaped
+SUPPORTED = os.path.isdir("/proc/self/fd") and os.path.exists("/proc/stat")
+
 
 def _boot_id() -> str:
     try:
@@ -61,9 +65,12 @@ def _alive(pid: int, start: int) -> bool:
     return st is not None and st[1] == start
 
 
-def note_for_this_process(temp_dir: str, session_dir: str | None = None) -> dict[str, Any]:
+def note_for_this_process(temp_dir: str, session_dir: str | None = None) -> dict[str, Any] | None:
     """The lock-file note of a Ray session started by this process (session_dir None while
-    ray.init runs: the session folder is then found by the owner's pid in its name)."""
+    ray.init runs: the session folder is then found by the owner's pid in its name). None where
+    /proc is not there."""
+    if not SUPPORTED:
+        return None
     pid = os.getpid()
     sid, start = _stat(pid) or (os.getsid(0), 0)
     with open("/proc/stat") as f:
@@ -181,7 +188,7 @@ def reap_session(note: dict[str, Any], grace_s: float = 1.0) -> list[int]:
     """Stop the noted session's processes: SIGTERM, then SIGKILL after grace_s (the agents of
     a session whose GCS is gone do not exit on SIGTERM). Returns the pids signalled. The caller
     decides the session is over (its owner dead, or shut down)."""
-    if note.get("host") != socket.gethostname() or note.get("boot_id") != _boot_id() or note.get("uid") != os.getuid():
+    if not SUPPORTED or note.get("host") != socket.gethostname() or note.get("boot_id") != _boot_id() or note.get("uid") != os.getuid():
         return []
     procs = session_processes(note)
     if not procs:
