@@ -3,16 +3,17 @@
 A driver that starts Ray in-process (no `cluster.address`) owns that Ray: its GCS, raylet,
 dashboard and log monitor die with the driver, but the raylet's agents (ray::DashboardAgent,
 ray::RuntimeEnvAgent in Ray 2.60) outlive a SIGKILLed driver by about a minute. So the runner
-notes its local Ray session in the output folder's lock file (`note_session`), and the next run
-of that folder, once it holds the lock, stops what is left of a session whose owner is dead
-(`reap_dead_session`); a clean `ray.shutdown()` is followed by the same sweep of the run's own
-session (`reap_session`).
+notes its local Ray session in the output folder's lock file (`note_for_this_process`), and the
+next run of that folder, once it holds the lock, stops what is left of a session whose owner is
+dead (`reap_dead_session`); a clean `ray.shutdown()` is followed by the same sweep of the run's
+own session (`reap_session`).
 
 Only this user's processes of that one session are ever signalled: the same session id (setsid)
 as the recorded driver, running its Python or a Ray binary, holding a file under the recorded
-Ray session folder (or naming it on their command line). A Ray cluster the user started (`ray start`, another driver's private Ray)
-has another session folder; a live owner (its pid with its recorded start time) is never
-reaped; a note written on another machine or before a reboot is ignored.
+Ray session folder (or naming it on their command line). A Ray cluster the user started (`ray
+start`, another driver's private Ray) has another session folder; a live owner (its pid with its
+recorded start time) is never reaped; a note written on another machine or before a reboot is
+ignored.
 """
 
 from __future__ import annotations
