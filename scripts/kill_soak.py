@@ -5,7 +5,7 @@ must hold every input id exactly once, only committed files, the manifest and _S
 equal an uninterrupted greedy run of the same job. Driver and actor RSS are sampled throughout.
 
     python scripts/kill_soak.py --kills 100 --boundary-kills 45 --actor-kills 30 \\
-        --node-removals 5 --rows 2000 --shard-rows 4 --json soak.json
+        --node-removals 6 --rows 2000 --cluster-rows 480 --shard-rows 4 --json soak.json
 
 Driver kills (a run is `python -m upg_batch run` in a session of its own):
   random     at a uniformly random moment 0.5..--max-delay s after the run starts: Ray's start,
@@ -26,7 +26,7 @@ left to finish (the run completes with a restarted actor), half in runs later ki
 
 Node removals: a local cluster of three nodes (ray.cluster_utils, on 127.0.0.1); a job on it
 (`cluster.address`) has a worker node removed (its raylet killed) right after its n-th commit,
-a fresh node added, and the run finishes, or half the time its driver is SIGKILLed seconds later
+a fresh node added, and the run finishes, or every other time its driver is SIGKILLed 0.3-2 s later
 and `run` again finishes it.
 
 After a driver kill the private Ray it started is not cleaned up by this script: the next run
@@ -427,7 +427,7 @@ class Soak:
     def cluster(self, removals: int, rows: int) -> None:
         """Node removals on a three-node local cluster: a worker node removed right after the
         run's n-th commit (and a fresh one added); every other time the driver is SIGKILLed
-        0.5-3 s later and `run` again finishes the job. Each job is checked and started over."""
+        0.3-2 s later and `run` again finishes the job. Each job is checked and started over."""
         import ray._private.ray_constants as ray_constants
         from ray.cluster_utils import Cluster
 
@@ -448,16 +448,18 @@ class Soak:
                 self.n["node_removals"] += 1
 
             shards = -(-rows // self.shard_rows)
+            def raylets() -> set[int]:
+                return {n.all_processes["raylet"][0].process.pid for n in c.list_all_nodes()}
+
             for r in range(removals):
-                raylets = {n.all_processes["raylet"][0].process.pid for n in c.list_all_nodes()}
                 kill_after = self.rng.uniform(0.3, 2.0) if r % 2 else None
                 at = self.rng.randint(1, max(1, min(20, shards // 4)))  # early: the lost node holds shards
                 # shards of >= 0.25 s: the lost node holds some, and the driver kill lands mid-job
-                proc = self.run_once(job, out, None, None, raylets, on_commit=(at, remove), kill_after=kill_after, shard_delay=0.25)
+                proc = self.run_once(job, out, None, None, raylets(), on_commit=(at, remove), kill_after=kill_after, shard_delay=0.25)
                 workers.append(c.add_node(**args))
                 c.wait_for_nodes(timeout=180)
                 if proc.returncode != 0:
-                    self.run_once(job, out, None, None, {n.all_processes["raylet"][0].process.pid for n in c.list_all_nodes()}, shard_delay=0.25)
+                    self.run_once(job, out, None, None, raylets(), shard_delay=0.25)
                 self.complete(out, want, rows)
         finally:
             c.shutdown()
@@ -514,7 +516,7 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=100, help="driver kills at uniformly random moments")
     ap.add_argument("--boundary-kills", type=int, default=45, help="driver kills at commit-log boundaries")
     ap.add_argument("--actor-kills", type=int, default=30)
-    ap.add_argument("--node-removals", type=int, default=5, help="rounds on a local cluster, two removals each")
+    ap.add_argument("--node-removals", type=int, default=6, help="worker nodes removed from a local cluster, one a run")
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--cluster-rows", type=int, default=480)
     ap.add_argument("--shard-rows", type=int, default=4)
