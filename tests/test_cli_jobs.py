@@ -127,3 +127,22 @@ def test_limit_and_set_for_a_smoke_test(tmp_path: Path, capsys):
     assert main(["run", str(job)]) == 2
     [err] = _errors(capsys)
     assert "config field input.limit: 5 -> null" in err and "config field sampling.max_tokens: 2 -> 6" in err
+
+
+def test_json_stdout_holds_only_the_summary_when_an_actor_dies(tmp_path: Path):
+    """Ray prints a notice of its own to the driver's stdout when a worker dies ("(raylet) A
+    worker died or was killed ..."); `run --json` keeps stdout for the summary alone."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    f = write_prompts(tmp_path / "d.parquet", 24)
+    job = write_job(tmp_path, f, tmp_path / "out", cluster={"shards_in_flight": 1})
+    env = {**os.environ, "UPG_BATCH_TEST_CRASH": "1@1", "UPG_BATCH_TEST_SHARD_DELAY_S": "0.5",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "upg_batch", "run", "--json", str(job)], capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    summary = json.loads(done.stdout)  # nothing but the summary
+    assert summary["actor_restarts"] == 1 and summary["rows_ok"] == 24

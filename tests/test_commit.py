@@ -498,3 +498,30 @@ def test_a_fault_injected_inside_a_commit_leaves_no_duplicate_and_no_orphan(tmp_
     c.close()
     assert _ids(out) == [0, 1, 2, 3, 4]  # exactly once
     assert output_files(out) == sorted([LOCK, MANIFEST, SUCCESS, "part-000000.arrow", "part-000001.arrow", "part-000002.arrow"])
+
+
+@pytest.mark.parametrize("stage", ["before_log_removal", "before_success"])
+def test_a_kill_inside_finish_is_repaired_by_the_next_run(tmp_path: Path, monkeypatch, stage: str):
+    """Killed after the snapshot marked the job complete, before the log was removed or before
+    _SUCCESS was written: the next run finds the job complete (nothing to run), folds the log
+    away and writes _SUCCESS from the stored summary."""
+    out = tmp_path / "out"
+    c = Committer(out, FP, 1, "arrow")
+    _commit(c, 0, [0])
+    kill = lambda *a: (_ for _ in ()).throw(_Killed())  # noqa: E731
+    if stage == "before_log_removal":
+        monkeypatch.setattr(c.log, "remove", kill)
+    else:
+        monkeypatch.setattr(c, "_write_success", kill)
+    with pytest.raises(_Killed):
+        c.finish({"status": "complete", "rows_ok": 1})
+    _crash(c)
+    assert json.loads((out / MANIFEST).read_text())["complete"] and not (out / SUCCESS).exists()
+    assert (out / LOG).exists() == (stage == "before_log_removal")
+    c = Committer(out, FP, 1, "arrow")
+    assert c.complete
+    c.repair_complete()
+    c.close()
+    assert output_files(out) == sorted([LOCK, MANIFEST, SUCCESS, "part-000000.arrow"])
+    assert json.loads((out / SUCCESS).read_text()) == {"status": "complete", "rows_ok": 1}
+    assert _ids(out) == [0]

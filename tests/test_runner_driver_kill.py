@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,9 +43,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def kill_driver_after_commits(job: Path, out: Path, log: Path, commits: int = 2) -> subprocess.Popen:
+def kill_driver_after_commits(job: Path, out: Path, log: Path, commits: int = 2, kill_ray: bool = True) -> subprocess.Popen:
     """Runs `job` with shards of >= 1 s, SIGKILLs the driver alone (as a crash would) once
-    `commits` shards are committed, then whatever is left of the Ray it started."""
+    `commits` shards are committed, then (kill_ray) whatever is left of the Ray it started."""
     proc = _cli(job, log, UPG_BATCH_TEST_SHARD_DELAY_S="1.0")
     try:
         deadline = time.monotonic() + 180
@@ -54,7 +55,8 @@ def kill_driver_after_commits(job: Path, out: Path, log: Path, commits: int = 2)
         proc.wait(timeout=30)
         time.sleep(1.0)
     finally:
-        _kill_group(proc)
+        if kill_ray:
+            _kill_group(proc)
     return proc
 
 
@@ -90,6 +92,52 @@ def test_driver_killed_mid_job_then_run_again(tmp_path: Path, local_ray):
     ref_out = tmp_path / "ref"
     Runner(load_config(write_job(tmp_path, f, ref_out))).run()
     assert read_output(ref_out).sort_by("id").equals(resumed)
+
+
+def _session_pids(sid: int) -> set[int]:
+    """Live processes of a session (the killed driver's: what its private Ray left)."""
+    pids = set()
+    for p in os.listdir("/proc"):
+        try:
+            raw = Path(f"/proc/{p}/stat").read_text() if p.isdigit() else ""
+        except OSError:
+            continue
+        fields = raw[raw.rfind(")") + 2 :].split()
+        if fields and fields[0] != "Z" and int(fields[3]) == sid:
+            pids.add(int(p))
+    return pids
+
+
+def test_the_next_run_stops_what_a_killed_driver_left(tmp_path: Path):
+    """With Ray 2.60 a SIGKILLed driver's GCS and raylet die with it, but its DashboardAgent
+    and RuntimeEnvAgent live about 60 s more. The run noted its Ray session in the lock file;
+    `run` again stops them as it starts, long before they would go on their own."""
+    f = write_prompts(tmp_path / "d.parquet", 64)
+    out = tmp_path / "out"
+    job = write_job(tmp_path, f, out)  # 8 shards of 8 rows
+    log = tmp_path / "log.txt"
+    proc = kill_driver_after_commits(job, out, log, commits=1, kill_ray=False)
+    again = None
+    try:
+        note = json.loads((out / LOCK).read_text().splitlines()[0])
+        assert note["owner_pid"] == proc.pid and note["session_dir"], note
+        time.sleep(1.0)
+        left = _session_pids(proc.pid)
+        assert left, "the killed driver left no process: nothing for this test to reap (did Ray change?)"
+        t0 = time.monotonic()
+        again = _cli(job, log)
+        while _session_pids(proc.pid) and time.monotonic() - t0 < 20:
+            time.sleep(0.1)
+        gone_in = time.monotonic() - t0
+        assert not _session_pids(proc.pid), f"{_session_pids(proc.pid)} of {left} still alive 20 s after the next run started"
+        assert again.wait(timeout=240) == 0, log.read_text()
+    finally:
+        _kill_group(proc)
+        if again is not None:
+            _kill_group(again)
+    assert re.search(r"INFO stopped \d+ Ray processes left by an earlier run of this folder that was killed", log.read_text()), (gone_in, log.read_text())
+    assert (out / LOCK).read_bytes() == b""  # a run that shut its Ray down clears the note
+    assert sorted(read_output(out).column("id").to_pylist()) == list(range(64))
 
 
 def test_sigterm_stops_like_ctrl_c(tmp_path: Path):

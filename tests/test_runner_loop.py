@@ -159,3 +159,27 @@ def test_an_actor_death_charges_the_shard_it_ran_or_isolates_the_suspects(tmp_pa
     loop.inflight["ref0"] = (slot, 0, 2)
     assert loop._next_for(slot) is None
     committer.close()
+
+
+def test_an_actor_killed_while_it_starts_is_restarted_but_a_failed_init_is_not(tmp_path: Path, monkeypatch):
+    """The ready call of the first actor fails: a process that died (SIGKILL, OOM killer while
+    it loads the model) is restarted; an __init__ that raised fails the slot, as a bad job."""
+    loop, committer, _ = _loop(tmp_path)
+    committer.close()
+    started: list[str] = []
+    monkeypatch.setattr(runner_mod, "kill_actor", lambda slot: None)
+    monkeypatch.setattr(runner_mod, "node_alive", lambda node_id: True)
+    monkeypatch.setattr(runner_mod, "start_actor", lambda slot, *args: started.append(slot.key))
+    for init_failed, restarted in ((False, True), (True, False)):
+        slot = Slot(index=0, node_id="n", node="n1", num_gpus=0.0, key="0.0", state="starting", ready_ref="ready")
+        loop.slots, started[:] = [slot], []
+
+        def get(ref, timeout=None, init_failed=init_failed):
+            raise runner_mod.RayActorError(error_msg="The actor never ran", actor_init_failed=init_failed)
+
+        monkeypatch.setattr(runner_mod.ray, "get", get)
+        loop._handle("ready")
+        if restarted:
+            assert started == ["0.0"] and slot.gen == 1 and loop.stats.restarts == 1
+        else:
+            assert started == [] and slot.state == "dead" and "failed to start" in slot.last_error

@@ -11,6 +11,7 @@ Every failure prints one line naming what is wrong.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -169,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from upg_batch.progress import format_summary
         from upg_batch.runner import Runner
 
-        summary = Runner(cfg, overwrite=args.overwrite).run()
+        # Ray prints notices of its own to stdout from a thread ("(raylet) A worker died ...",
+        # which the runner's own log line already says): stdout is kept for the summary
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = Runner(cfg, overwrite=args.overwrite).run()
         print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
         return EXIT_OK
     except (ConfigError, DatasetError, OutputError, ModelError, MetricsPortError) as e:

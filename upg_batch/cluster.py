@@ -15,11 +15,12 @@ import signal
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from upg_batch import reap
 from upg_batch.actor import EngineActor, node_label
 from upg_batch.config import ClusterSection
 
@@ -28,12 +29,18 @@ __all__ = ["Slot", "connect", "no_slots_message", "node_alive", "plan_slots", "s
 log = logging.getLogger("upg_batch")
 
 
-def connect(cluster: ClusterSection) -> bool:
-    """Initialize Ray unless it already is. Returns True if this call started or joined it."""
+def connect(cluster: ClusterSection, note: Callable[[dict[str, Any] | None], None] | None = None) -> bool:
+    """Initialize Ray unless it already is. Returns True if this call started or joined it.
+    A private Ray this call starts is described to `note` (reap.note_for_this_process) before
+    ray.init and again once its session folder is known, so a later run can stop what is left
+    of it should this driver be killed."""
     if ray.is_initialized():
         return False
     with _neutral_cwd(), _keep_sigterm_handler():
         if cluster.address is None:
+            temp_dir = _ray_temp_dir()
+            if note is not None:
+                note(reap.note_for_this_process(temp_dir))
             # A private Ray on this machine: bound to loopback because Ray's ports run code
             # for anyone who reaches them.
             with _keep_loopback():
@@ -44,6 +51,11 @@ def connect(cluster: ClusterSection) -> bool:
                     log_to_driver=False,
                     configure_logging=False,
                 )
+            if note is not None:
+                from ray._private.worker import global_worker
+
+                node = global_worker.node
+                note(reap.note_for_this_process(node.get_temp_dir_path(), node.get_session_dir_path()))
         elif cluster.address.split("://")[-1].rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
             # a cluster on this machine's loopback: joining must not rewrite the address either
             with _keep_loopback():
@@ -51,6 +63,16 @@ def connect(cluster: ClusterSection) -> bool:
         else:
             ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     return True
+
+
+def _ray_temp_dir() -> str:
+    """Where ray.init will put its session folder (RAY_TMPDIR, TMPDIR or /tmp, then ray/)."""
+    try:
+        from ray._common.utils import get_default_ray_temp_dir
+
+        return get_default_ray_temp_dir()
+    except ImportError:  # another Ray release: its usual place
+        return os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray")
 
 
 @contextlib.contextmanager

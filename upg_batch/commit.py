@@ -163,6 +163,26 @@ class Committer:
                 return fd
             os.close(fd)  # locked a file that was unlinked meanwhile: try the current one
 
+    # -- the lock file's note: the local Ray session of the run holding it (upg_batch/reap.py)
+    def read_lock_note(self) -> dict[str, Any] | None:
+        """The note the last run holding the lock left in the lock file, if any."""
+        try:
+            raw = os.pread(self._lock_fd, 1 << 16, 0)
+            note = json.loads(raw.split(b"\n", 1)[0]) if raw.strip() else None
+        except (OSError, ValueError):
+            return None
+        return note if isinstance(note, dict) else None
+
+    def write_lock_note(self, note: dict[str, Any] | None) -> None:
+        """Replace the note (None: clear it). Written over the old one, then cut to length: a
+        kill in between leaves the new note as the first line, which is all that is read."""
+        data = b"" if note is None else json.dumps(note, sort_keys=True).encode() + b"\n"
+        try:
+            os.pwrite(self._lock_fd, data, 0)
+            os.ftruncate(self._lock_fd, len(data))
+        except OSError:  # best effort: a missing note only means nothing is reaped later
+            pass
+
     # -- opening: check, clean, resume -----------------------------------------------------
     def _open(self, overwrite: bool) -> None:
         self.log = CommitLog(self.dir)  # sized under the lock
@@ -354,8 +374,25 @@ class Committer:
         self.verify_parts()
         self._complete, self._summary = True, summary
         self._compact()
+        self._write_success()
+
+    def repair_complete(self) -> None:
+        """Finish what a kill inside finish() left of a complete job: the log still there (killed
+        between the final snapshot and the log's removal; the snapshot holds its lines), or no
+        _SUCCESS (killed before it was written; readers waiting on it would wait forever)."""
+        if not self.complete or self._summary is None:
+            return
+        if self.log.path.exists():
+            self._check_folder()
+            self._compact()
+        if not (self.dir / SUCCESS).exists():
+            self._check_folder()
+            self.verify_parts()
+            self._write_success()
+
+    def _write_success(self) -> None:
         with self._writing(self.dir / SUCCESS):
-            _write_atomic(self.dir / SUCCESS, (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
+            _write_atomic(self.dir / SUCCESS, (json.dumps(self._summary, indent=1, sort_keys=True) + "\n").encode())
 
     def _compact(self) -> None:
         """Rewrite the snapshot atomically with every committed shard, then remove the log. A

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, TextIO
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from upg_batch import budget
+from upg_batch import budget, reap
 from upg_batch.actor import test_hooks_from_env
 from upg_batch.chat import ChatTemplateError, is_gguf_file, load_chat_template
 from upg_batch.cluster import Slot, connect, kill_actor, no_slots_message, node_alive, plan_slots, shared_gpu_warnings, start_actor
@@ -105,8 +106,13 @@ class Runner:
             cfg.output.path, digest_inputs(inputs), len(plan.shards), cfg.output.format, overwrite=self.overwrite, inputs=inputs, model_name=Path(cfg.model.path).name
         )
         try:
+            # an earlier run of this folder killed with its private Ray: stop what is left of it
+            note = committer.read_lock_note()
+            if note is not None and reap.reap_dead_session(note) is not None:
+                committer.write_lock_note(None)
             if committer.complete and committer.summary is not None:
                 # nothing to run: the folder holds the whole job; its stored summary answers
+                committer.repair_complete()
                 return {**committer.summary, "already_complete": True}
             skipped = sum(committer.is_committed(s.index) for s in plan.shards)
             todo = [s for s in plan.shards if not committer.is_committed(s.index)]
@@ -121,12 +127,13 @@ class Runner:
                 raise MetricsPortError(port_message(cfg.metrics.host, cfg.metrics.port, e)) from None
             try:
                 if todo:
-                    started_ray = connect(cfg.cluster)
+                    started_ray = connect(cfg.cluster, note=committer.write_lock_note)
                     try:
                         stats = _Loop(self, plan, spec, committer, metrics, todo).run()
                     finally:
                         if started_ray:
                             ray.shutdown()
+                            _sweep_own_session(committer)
                 budget.check(committer, plan.total_rows, cfg.max_error_fraction, final=True)
                 summary = self._summary(plan, committer, stats, skipped, time.monotonic() - t_start)
                 if not todo:
@@ -161,6 +168,17 @@ class Runner:
             "nodes": {node: {**v, "share": v["rows"] / rows_run, "engine": st.engines.get(node)} for node, v in st.nodes.items()},
             "output": str(self.cfg.output.path),
         }
+
+
+def _sweep_own_session(committer: Committer) -> None:
+    """After ray.shutdown() of the private Ray this run started: stop any of its processes
+    still there (none, normally), then clear the lock file's note of it."""
+    note = committer.read_lock_note()
+    if note is not None and note.get("owner_pid") == os.getpid():
+        left = reap.reap_session(note)
+        if left:
+            log.debug("stopped %d Ray processes still running after shutdown: %s", len(left), left)
+        committer.write_lock_note(None)
 
 
 class _RunStats:
@@ -284,7 +302,10 @@ class _Loop:
             try:
                 info = ray.get(ref, timeout=10)
             except (RayError, GetTimeoutError) as e:
-                self._actor_gone(slot, f"engine actor failed to start on {slot.node}: {_cause(e)}", starting=True)
+                # A process killed while it loaded the model (OOM killer, SIGKILL) is restarted
+                # like any dead actor; an actor whose __init__ raised is a bad job, given up.
+                died = isinstance(e, RayActorError) and not e.actor_init_failed
+                self._actor_gone(slot, f"engine actor failed to start on {slot.node}: {_cause(e)}", starting=not died)
                 return
             if info.get("error"):
                 self._actor_gone(slot, f"the model does not load on {slot.node}: {info['error']}", starting=True)
