@@ -165,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             report = validate(cfg)
             print(json.dumps(report, indent=1) if args.json else format_report(report))
+            if cfg.input.unique_ids and report.get("ids_problem"):
+                return _fail(EXIT_BAD_JOB, f"{report['ids_problem']}; input.unique_ids is set")
             problem = budget_error(report)
             return _fail(EXIT_FAILED, problem) if problem else EXIT_OK
         from upg_batch.progress import format_summary

@@ -79,6 +79,9 @@ class InputSection(_Section):
     id_column: str | None = Field(None, description="Column with a unique row id (null: 'file:row').")
     shard_rows: int = Field(256, ge=1, description="Rows per shard (the unit of work, commit and retry).")
     limit: int | None = Field(None, ge=1, description="Only the first N rows of the dataset, for a smoke test (null: every row).")
+    unique_ids: bool = Field(
+        False, description="Refuse, before any work, a dataset whose id_column holds a duplicate or null id (one extra pass over that column)."
+    )
 
 
 class OutputSection(_Section):

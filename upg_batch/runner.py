@@ -26,7 +26,8 @@ from upg_batch.cluster import Slot, connect, kill_actor, no_slots_message, node_
 from upg_batch.commit import CommitError, Committer
 from upg_batch.config import JobConfig, extra_output_columns
 from upg_batch.fingerprint import digest_inputs, fingerprint_inputs
-from upg_batch.plan import Plan, make_plan
+from upg_batch.ids import scan_ids
+from upg_batch.plan import DatasetError, Plan, make_plan
 from upg_batch.progress import Progress, format_summary
 from upg_batch.rows import ShardResult, WorkSpec, error_batch, output_schema
 
@@ -101,6 +102,10 @@ class Runner:
         check_model_dir(cfg)
         check_chat_template(cfg)
         plan = self.plan = make_plan(cfg)
+        if cfg.input.unique_ids:
+            ids = scan_ids(plan)
+            if ids is not None and not ids.ok:
+                raise DatasetError(f"{ids.message()}; input.unique_ids is set")
         inputs = fingerprint_inputs(cfg, plan)
         committer = Committer(
             cfg.output.path, digest_inputs(inputs), len(plan.shards), cfg.output.format, overwrite=self.overwrite, inputs=inputs, model_name=Path(cfg.model.path).name

@@ -3,7 +3,8 @@
 Loads the model on this machine (proving it loads), then reads the dataset shard by shard
 (memory bounded by one shard) and tokenizes every prompt, counting rows that would become
 error rows: too long for the context, null or empty, not valid UTF-8, malformed messages,
-bad overrides, and row groups whose data cannot be read (each named with its file).
+bad overrides, and row groups whose data cannot be read (each named with its file); and
+duplicate or null ids in input.id_column.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pyarrow as pa
 
 from upg_batch import budget
 from upg_batch.config import JobConfig, extra_output_columns
+from upg_batch.ids import scan_ids
 from upg_batch.plan import make_plan
 from upg_batch.rows import Prompting, WorkSpec, output_schema, prepare_rows
 from upg_batch.metrics import port_problem
@@ -59,6 +61,7 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
                 first[kind] = {"id": _id_text(prep.ids, i), "error": prep.error[i]}
             if len(examples) < _EXAMPLES:
                 examples.append({"id": _id_text(prep.ids, i), "kind": kind, "error": prep.error[i]})
+    ids = scan_ids(plan)
     info = engine.info
     return {
         "config": "ok",
@@ -83,6 +86,8 @@ def validate(cfg: JobConfig) -> dict[str, Any]:
         "max_error_fraction": cfg.max_error_fraction,
         "over_error_budget": budget.exceeded(plan.total_rows, sum(kinds.values()), cfg.max_error_fraction),
         "first_of_kind": first,
+        "ids": None if ids is None else ids.as_dict(),
+        "ids_problem": None if ids is None or ids.ok else ids.message(),
     }
 
 
@@ -116,6 +121,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['too_long']} rows too long for the context; {r['error_rows']} rows would be error rows"
         + (f" ({', '.join(f'{k}: {v}' for k, v in r['error_kinds'].items())})" if r["error_kinds"] else ""),
     ]
+    if r.get("ids_problem"):
+        lines.append(f"ids: {r['ids_problem']}")
     for message in r.get("unreadable", []):
         lines.append(f"unreadable data (its rows would be error rows): {message}")
     for ex in r["examples"]:
