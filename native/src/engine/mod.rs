@@ -6,7 +6,6 @@ pub mod source;
 pub mod sampler;
 pub mod scheduler;
 pub mod stats;
-mod tokenizer_file;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

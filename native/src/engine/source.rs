@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use tokenizers::Tokenizer;
 
-use super::tokenizer_file;
 use crate::error::{EngineError, Result};
 use crate::gguf::reader::GgufFile;
 use crate::gguf::tokenizer::from_metadata;
@@ -15,6 +14,7 @@ use crate::model::checkpoint::Checkpoint;
 use crate::model::config::{read_json_object, token_ids, ModelConfig};
 use crate::model::gguf_model;
 use crate::model::scheme::WeightScheme;
+use crate::model::tokenizer_file::tokenizer_from_bytes;
 
 pub struct ModelSource {
     pub cfg: ModelConfig,
@@ -100,32 +100,6 @@ fn load_tokenizer(path: &PathBuf) -> Result<Tokenizer> {
     }
     let bytes = std::fs::read(path).map_err(|e| EngineError::Tokenizer { path: path.clone(), message: format!("cannot read: {e}") })?;
     tokenizer_from_bytes(path, &bytes)
-}
-
-/// The tokenizer of tokenizer.json file `path`, whose contents are `bytes`.
-pub fn tokenizer_from_bytes(path: &Path, bytes: &[u8]) -> Result<Tokenizer> {
-    let err = |message: String| EngineError::Tokenizer { path: path.to_path_buf(), message };
-    tokenizer_file::check_before_parse(bytes).map_err(err)?;
-    // The tokenizers library panics, rather than erring, on some malformed files (its
-    // deserializers unwrap), e.g. a decoder nested past serde_json's recursion limit.
-    let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes))
-        .map_err(|p| err(format!("cannot parse: the tokenizers library failed on it ({})", crate::error::panic_message(p.as_ref()))))?;
-    let mut tokenizer = parsed.map_err(|e| err(format!("cannot parse: {e}")))?;
-    // The engine encodes one prompt at a time, whole: a file's padding would pad every prompt
-    // (to a length it names: 10^9 asks for gigabytes) and its truncation would cut prompts
-    // silently. transformers ignores both unless a call asks for them; so does the engine.
-    tokenizer.with_padding(None);
-    tokenizer.with_truncation(None).map_err(|e| err(format!("cannot drop its truncation: {e}")))?;
-    // Checked as the library writes them back, whichever of its spellings the file used.
-    if let Some(d) = tokenizer.get_decoder() {
-        let written = serde_json::to_value(d).map_err(|e| err(format!("cannot write its decoder back: {e}")))?;
-        tokenizer_file::check_decoder(&written, "decoder").map_err(err)?;
-    }
-    if let Some(p) = tokenizer.get_post_processor() {
-        let written = serde_json::to_value(p).map_err(|e| err(format!("cannot write its post_processor back: {e}")))?;
-        tokenizer_file::check_post_processor(&written, "post_processor").map_err(err)?;
-    }
-    Ok(tokenizer)
 }
 
 /// EOS ids from generation_config.json (a single id or a list), else from config.json.

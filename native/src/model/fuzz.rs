@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::checkpoint::{shard_files, Checkpoint};
 use super::config::{parse_json_object, token_ids, ModelConfig, RopeScaling, MAX_LAYERS, MAX_RMS_NORM_EPS, MAX_ROPE_FACTOR};
 use super::rope::Rope;
-use crate::engine::source::tokenizer_from_bytes;
+use crate::model::tokenizer_file::tokenizer_from_bytes;
 use crate::fuzzing::bytes::{self, INTERESTING_U64};
 use crate::fuzzing::json::{self, Dict};
 use crate::fuzzing::{corpus_dir, FuzzRng, Target};

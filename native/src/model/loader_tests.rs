@@ -9,7 +9,7 @@ use tokenizers::Tokenizer;
 
 use super::checkpoint::shard_files;
 use super::config::ModelConfig;
-use crate::engine::source::tokenizer_from_bytes;
+use crate::model::tokenizer_file::tokenizer_from_bytes;
 use crate::fuzzing::corpus_dir;
 
 fn seed(target: &str, name: &str) -> Value {

@@ -12,3 +12,4 @@ pub mod gguf_model;
 mod loader_tests;
 pub mod rope;
 pub mod scheme;
+pub mod tokenizer_file;

@@ -1,11 +1,15 @@
-//! Checks on tokenizer.json that the tokenizers library leaves out: files it accepts and then
-//! panics on, or asks gigabytes for, when the engine encodes a prompt. Found by fuzzing
-//! (`model::fuzz`); each error names the field.
+//! Loading tokenizer.json, with the checks the tokenizers library leaves out: files it accepts
+//! and then panics on, or asks gigabytes for, when the engine encodes a prompt. Found by
+//! fuzzing (`model::fuzz`); each error names the field.
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::error::EngineError;
 
 /// The sections the library builds from before any check of ours can run (the vocabulary is
 /// skipped unparsed).
@@ -178,4 +182,30 @@ pub fn check_post_processor(processor: &Value, at: &str) -> Result<(), String> {
         _ => {}
     }
     Ok(())
+}
+
+/// The tokenizer of tokenizer.json file `path`, whose contents are `bytes`.
+pub fn tokenizer_from_bytes(path: &Path, bytes: &[u8]) -> crate::error::Result<Tokenizer> {
+    let err = |message: String| EngineError::Tokenizer { path: path.to_path_buf(), message };
+    check_before_parse(bytes).map_err(err)?;
+    // The tokenizers library panics, rather than erring, on some malformed files (its
+    // deserializers unwrap), e.g. a decoder nested past serde_json's recursion limit.
+    let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes))
+        .map_err(|p| err(format!("cannot parse: the tokenizers library failed on it ({})", crate::error::panic_message(p.as_ref()))))?;
+    let mut tokenizer = parsed.map_err(|e| err(format!("cannot parse: {e}")))?;
+    // The engine encodes one prompt at a time, whole: a file's padding would pad every prompt
+    // (to a length it names: 10^9 asks for gigabytes) and its truncation would cut prompts
+    // silently. transformers ignores both unless a call asks for them; so does the engine.
+    tokenizer.with_padding(None);
+    tokenizer.with_truncation(None).map_err(|e| err(format!("cannot drop its truncation: {e}")))?;
+    // Checked as the library writes them back, whichever of its spellings the file used.
+    if let Some(d) = tokenizer.get_decoder() {
+        let written = serde_json::to_value(d).map_err(|e| err(format!("cannot write its decoder back: {e}")))?;
+        check_decoder(&written, "decoder").map_err(err)?;
+    }
+    if let Some(p) = tokenizer.get_post_processor() {
+        let written = serde_json::to_value(p).map_err(|e| err(format!("cannot write its post_processor back: {e}")))?;
+        check_post_processor(&written, "post_processor").map_err(err)?;
+    }
+    Ok(tokenizer)
 }
