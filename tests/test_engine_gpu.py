@@ -124,6 +124,26 @@ def test_held_formats_compute_what_the_cpu_computes(name: str, weights: str) -> 
         assert err < 1e-5, f"{weights}: max|gpu - cpu| / max|cpu| = {err:.3g}"
 
 
+def test_the_kernel_profile_times_every_dispatch_and_changes_no_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """UPG_BATCH_GPU_PROFILE_KERNELS=1 (benchmarks): every dispatch in its own timed pass,
+    totals per kernel in info["gpu_profile"]["kernels"]; a normal engine records none."""
+    name = "llama-tiny"
+    plain = gpu(name)
+    monkeypatch.setenv("UPG_BATCH_GPU_PROFILE_KERNELS", "1")
+    timed = Engine(FIXTURES / "models" / name, backend="gpu")
+    prompt = cases(name)[0]["prompt_ids"]
+    a, b = timed.logits(prompt), plain.logits(prompt)
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    profile = timed.info["gpu_profile"]
+    if profile["gpu_s"] is None:
+        pytest.skip("this adapter has no timestamp queries")
+    kernels = profile["kernels"]
+    assert sum(count for count, _ in kernels.values()) == profile["dispatches"] > 0
+    assert all(seconds > 0 for _, seconds in kernels.values())
+    assert any(k.startswith("attention") for k in kernels) and any(k.startswith("matmul_") for k in kernels)
+    assert plain.info["gpu_profile"]["kernels"] == {}
+
+
 def test_weights_split_over_several_buffers_give_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     """A matrix larger than one storage binding is split by rows (a 128k-vocabulary embedding is
     ~0.5 GB; lavapipe binds at most 128 MiB). Forced here with a 4 KiB limit: the embedding
