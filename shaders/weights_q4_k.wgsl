@@ -18,16 +18,32 @@ fn scale_min_$W(g: u32, s: u32) -> vec2<f32> {
     return vec2<f32>(f32(sc), f32(m));
 }
 
-// Elements 4i .. 4i+3 of $W (one sub-block holds all four).
-fn load_$W(i: u32) -> vec4<f32> {
-    let e = i * 4u;
+// Where element e lies: its sub-block's scale and min, the word holding its q byte, and the
+// shift of its nibble (low for even sub-blocks, high for odd).
+struct Sub_$W {
+    scale: f32,
+    min: f32,
+    word: u32,
+    shift: u32,
+}
+
+fn sub_$W(e: u32) -> Sub_$W {
     let base = (e / 256u) * 144u;
     let dm = unpack2x16float($W[base / 4u]);
     let j = e % 256u;
     let g = j / 32u;
     let sm = scale_min_$W(g, base + 4u);
-    // Four consecutive q bytes: one aligned word.
-    let word = $W[(base + 16u + 32u * (g / 2u) + j % 32u) / 4u];
-    let n = (vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u) >> vec4<u32>(4u * (g % 2u))) & vec4<u32>(0xfu);
-    return (dm.x * sm.x) * vec4<f32>(n) - vec4<f32>(dm.y * sm.y);
+    return Sub_$W(dm.x * sm.x, dm.y * sm.y, (base + 16u + 32u * (g / 2u) + j % 32u) / 4u, 4u * (g % 2u));
+}
+
+// The four weights of a word of q bytes (consecutive, one sub-block).
+fn weights4_$W(s: Sub_$W, word: u32) -> vec4<f32> {
+    let n = (vec4<u32>(word) >> vec4<u32>(0u, 8u, 16u, 24u) >> vec4<u32>(s.shift)) & vec4<u32>(0xfu);
+    return s.scale * vec4<f32>(n) - vec4<f32>(s.min);
+}
+
+// Elements 4i .. 4i+3 of $W (one sub-block holds all four).
+fn load_$W(i: u32) -> vec4<f32> {
+    let s = sub_$W(i * 4u);
+    return weights4_$W(s, $W[s.word]);
 }
