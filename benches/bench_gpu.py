@@ -67,19 +67,21 @@ def run_engine(model_dir: Path, args: argparse.Namespace, fused: bool, ceiling: 
         t, _, _ = timed_generate(eng, prompt, 1)
         results["prefill"] = {"tokens_per_s": round(args.prefill_len / t, 2), **profile_delta(eng, before)}
     info = eng.info
-    return {"fused": fused, "adapter": info["adapter"], "api": info["gpu_api"], "results": results}
+    return {"fused": fused, "adapter": info["adapter"], "api": info["gpu_api"],
+            "shader_checks": info["gpu_shader_checks"], "results": results}
 
 
-def sweep_tiles(model_dir: Path, args: argparse.Namespace, ceiling: float) -> dict[str, Any]:
-    """The fused path with each matrix-product tile asked for: decode tiles (RxG) at batch 1,
-    batch tiles (RxTBxG) at the largest batch asked for and in prefill. Each engine reads its
-    tiles from the environment when it opens the GPU."""
+def sweep_settings(model_dir: Path, args: argparse.Namespace, ceiling: float) -> dict[str, Any]:
+    """The fused path with each setting asked for: decode tiles (RxG) at batch 1, batch tiles
+    (RxTBxG) at the largest batch asked for and in prefill, shader checks at every batch and
+    in prefill. Each engine reads these from the environment when it opens the GPU."""
     import os
 
     out: dict[str, Any] = {}
-    largest = max(int(b) for b in args.batches.split(","))
+    every = [int(b) for b in args.batches.split(",")]
     for var, tiles, batches, prefill in (("UPG_BATCH_GPU_DECODE_TILE", args.decode_tiles, [1], False),
-                                         ("UPG_BATCH_GPU_BATCH_TILE", args.batch_tiles, [largest], True)):
+                                         ("UPG_BATCH_GPU_BATCH_TILE", args.batch_tiles, [max(every)], True),
+                                         ("UPG_BATCH_GPU_SHADER_CHECKS", args.shader_checks, every, True)):
         for tile in filter(None, (tiles or "").split(",")):
             os.environ[var] = tile
             try:
@@ -184,6 +186,8 @@ def main() -> int:
                     "(R output rows, G groups of 32 lanes a workgroup), e.g. 1x8,2x4,4x4")
     ap.add_argument("--batch-tiles", help="also run the fused path at the largest batch and in prefill with each "
                     "tile RxTBxG (TB batch rows), e.g. 8x8x1,4x8x2")
+    ap.add_argument("--shader-checks", help="also run the fused path at every batch and in prefill with each "
+                    "UPG_BATCH_GPU_SHADER_CHECKS value, e.g. all,none (bounds is the default)")
     ap.add_argument("--kernel-profile", action="store_true", help="also time each kernel at batch 1 (fused)")
     args = ap.parse_args()
 
@@ -215,8 +219,8 @@ def main() -> int:
     }
     for path in args.paths.split(","):
         report["paths"][path] = run_engine(model_dir, args, path == "fused", ceiling)
-    if args.decode_tiles or args.batch_tiles:
-        report["tile_sweep"] = sweep_tiles(model_dir, args, ceiling)
+    if args.decode_tiles or args.batch_tiles or args.shader_checks:
+        report["tile_sweep"] = sweep_settings(model_dir, args, ceiling)
     if args.kernel_profile:
         report["kernel_profile_batch_1"] = kernel_profile(model_dir, args)
     if args.peer:

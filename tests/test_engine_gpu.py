@@ -159,6 +159,30 @@ def test_weights_split_over_several_buffers_give_the_same_bits(monkeypatch: pyte
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
+@pytest.mark.parametrize("checks", ["all", "none"])
+def test_shader_checks_change_no_result(monkeypatch: pytest.MonkeyPatch, checks: str) -> None:
+    """The kernels compile without wgpu's loop counters and workgroup zeroing by default
+    (`bounds`); wgpu's full checks (`all`) and none at all (`none`, benchmarks) compute the
+    same logits and tokens."""
+    name = "llama-tiny"
+    default = gpu(name)
+    monkeypatch.setenv("UPG_BATCH_GPU_SHADER_CHECKS", checks)
+    other = Engine(FIXTURES / "models" / name, backend="gpu")
+    assert default.info["gpu_shader_checks"] == "bounds" and other.info["gpu_shader_checks"] == checks
+    for case in cases(name):
+        a, b = other.logits(case["prompt_ids"]), default.logits(case["prompt_ids"])
+        assert rel_err(a, b) < 1e-5
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    prompts = ["hello world", "the cat sat on"]
+    assert [c.token_ids for c in other.generate(prompts, params)] == [c.token_ids for c in default.generate(prompts, params)]
+
+
+def test_an_unknown_shader_checks_value_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UPG_BATCH_GPU_SHADER_CHECKS", "some")
+    with pytest.raises(Exception, match="UPG_BATCH_GPU_SHADER_CHECKS.*bounds, all or none"):
+        Engine(FIXTURES / "models" / "llama-tiny", backend="gpu")
+
+
 def test_auto_never_picks_a_software_adapter() -> None:
     on_gpu = gpu("llama-tiny")
     auto = Engine(FIXTURES / "models" / "llama-tiny", backend="auto")

@@ -157,12 +157,14 @@ impl NativeEngine {
             }
             d.set_item("special_tokens", tokens)?;
         }
-        if let Some((adapter, api, device_type, dispatches)) = e.model.gpu_info() {
+        if let Some((adapter, api, device_type, dispatches, checks)) = e.model.gpu_info() {
             d.set_item("adapter", adapter)?;
             d.set_item("gpu_api", api)?;
             d.set_item("gpu_device_type", device_type)?;
             // Dispatches of the last forward step (0 before the first one).
             d.set_item("dispatches_per_step", dispatches)?;
+            // What wgpu compiled into the kernels (UPG_BATCH_GPU_SHADER_CHECKS).
+            d.set_item("gpu_shader_checks", checks)?;
         }
         if let Some((steps, dispatches, encode, wall, gpu)) = e.model.gpu_profile() {
             // Totals since load, for benchmarks: CPU time recording steps, wall time from a

@@ -108,13 +108,13 @@ impl Model {
         with_decoder!(self, m => m.parameter_count())
     }
 
-    /// The GPU adapter: its name, API (Metal, Vulkan), device type, and the dispatches of
-    /// the last step.
-    pub fn gpu_info(&self) -> Option<(String, &'static str, &'static str, usize)> {
+    /// The GPU adapter: its name, API (Metal, Vulkan), device type, the dispatches of the
+    /// last step, and the checks compiled into the kernels.
+    pub fn gpu_info(&self) -> Option<(String, &'static str, &'static str, usize, &'static str)> {
         match self {
             Model::Cpu(_) => None,
             #[cfg(feature = "gpu")]
-            Model::Gpu(m) => Some((m.backend.adapter_name(), m.backend.api(), m.backend.device_type(), m.backend.dispatches_last_step())),
+            Model::Gpu(m) => Some((m.backend.adapter_name(), m.backend.api(), m.backend.device_type(), m.backend.dispatches_last_step(), m.backend.shader_checks())),
         }
     }
 

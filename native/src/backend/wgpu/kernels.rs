@@ -265,23 +265,79 @@ pub struct Kernel {
     pub layout: ::wgpu::BindGroupLayout,
 }
 
-/// Compiled kernels, created on first use and kept.
-#[derive(Default)]
-pub struct Kernels {
-    cache: Mutex<HashMap<KernelId, Arc<Kernel>>>,
+/// What wgpu adds to the kernels when it compiles them (`UPG_BATCH_GPU_SHADER_CHECKS`).
+///
+/// wgpu's defaults guard untrusted shaders: a hidden 64-bit counter in every loop (so that no
+/// loop can run forever), bounds checks on every index, and zeroed workgroup memory before
+/// each workgroup starts. These kernels are the engine's own: every loop is bounded by its
+/// parameters, and no kernel reads workgroup memory before writing it. The loop counter
+/// keeps the driver's compiler from unrolling and pipelining loads (each lane then waits out
+/// one memory latency per iteration), so it is left out by default.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ShaderChecks {
+    /// Bounds checks kept; no loop counter, no workgroup zeroing (the default).
+    Bounds,
+    /// wgpu's defaults: bounds checks, loop counters, zeroed workgroup memory.
+    All,
+    /// Nothing added (benchmarks only: an out-of-range index is then undefined behaviour).
+    None,
 }
 
-impl Kernels {
-    pub fn get(&self, device: &::wgpu::Device, id: KernelId) -> Arc<Kernel> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let index = cache.len() as u64;
-        cache.entry(id).or_insert_with(|| Arc::new(build(device, id, index))).clone()
+pub const SHADER_CHECKS_ENV: &str = "UPG_BATCH_GPU_SHADER_CHECKS";
+
+impl ShaderChecks {
+    /// `UPG_BATCH_GPU_SHADER_CHECKS` = `bounds` (default), `all` or `none`.
+    pub fn from_env() -> Result<ShaderChecks, String> {
+        match std::env::var(SHADER_CHECKS_ENV).ok().as_deref().map(str::trim) {
+            None | Some("") | Some("bounds") => Ok(ShaderChecks::Bounds),
+            Some("all") => Ok(ShaderChecks::All),
+            Some("none") => Ok(ShaderChecks::None),
+            Some(other) => Err(format!("{SHADER_CHECKS_ENV}={other:?}: expected bounds, all or none")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ShaderChecks::Bounds => "bounds",
+            ShaderChecks::All => "all",
+            ShaderChecks::None => "none",
+        }
+    }
+
+    fn runtime_checks(self) -> ::wgpu::ShaderRuntimeChecks {
+        ::wgpu::ShaderRuntimeChecks { bounds_checks: self != ShaderChecks::None, force_loop_bounding: self == ShaderChecks::All }
     }
 }
 
-fn build(device: &::wgpu::Device, id: KernelId, index: u64) -> Kernel {
+/// Compiled kernels, created on first use and kept.
+pub struct Kernels {
+    cache: Mutex<HashMap<KernelId, Arc<Kernel>>>,
+    checks: ShaderChecks,
+}
+
+impl Kernels {
+    pub fn new(checks: ShaderChecks) -> Kernels {
+        Kernels { cache: Mutex::default(), checks }
+    }
+
+    pub fn checks(&self) -> ShaderChecks {
+        self.checks
+    }
+
+    pub fn get(&self, device: &::wgpu::Device, id: KernelId) -> Arc<Kernel> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let index = cache.len() as u64;
+        cache.entry(id).or_insert_with(|| Arc::new(build(device, id, index, self.checks))).clone()
+    }
+}
+
+fn build(device: &::wgpu::Device, id: KernelId, index: u64, checks: ShaderChecks) -> Kernel {
     let name = id.name();
-    let module = device.create_shader_module(::wgpu::ShaderModuleDescriptor { label: Some(&name), source: ::wgpu::ShaderSource::Wgsl(id.source().into()) });
+    let source = ::wgpu::ShaderModuleDescriptor { label: Some(&name), source: ::wgpu::ShaderSource::Wgsl(id.source().into()) };
+    // SAFETY: the kernels are this crate's own WGSL, whose loops all end (each is bounded by a
+    // parameter or a constant) and which write workgroup memory before reading it; with
+    // `ShaderChecks::None`, which only benchmarks select, indices are unchecked as well.
+    let module = unsafe { device.create_shader_module_trusted(source, checks.runtime_checks()) };
     let entries: Vec<::wgpu::BindGroupLayoutEntry> = id
         .slots()
         .iter()
@@ -312,7 +368,10 @@ fn build(device: &::wgpu::Device, id: KernelId, index: u64) -> Kernel {
         layout: Some(&pipeline_layout),
         module: &module,
         entry_point: Some("main"),
-        compilation_options: Default::default(),
+        compilation_options: ::wgpu::PipelineCompilationOptions {
+            zero_initialize_workgroup_memory: checks == ShaderChecks::All,
+            ..Default::default()
+        },
         cache: None,
     });
     Kernel { id, index, pipeline, layout }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use self::device::Gpu;
 pub use self::device::ADAPTER_ENV;
-use self::kernels::{KernelId, Kernels, Tiles};
+use self::kernels::{KernelId, Kernels, ShaderChecks, Tiles};
 pub use self::recorder::Profile;
 use self::recorder::{grid, storage_usage, GBuf, Recorder};
 use super::{AttentionShape, Backend, CacheShape, StepInput};
@@ -92,6 +92,7 @@ impl WgpuBackend {
     /// Opens the GPU. `hardware_only`: refuse software adapters even when forced (the `auto`
     /// backend never runs on a software driver).
     pub fn new(hardware_only: bool) -> Result<Self> {
+        let checks = ShaderChecks::from_env().map_err(gpu_error)?;
         let gpu = device::open()?;
         if hardware_only && gpu.is_software() {
             return Err(gpu_error(format!("{} is a software adapter", gpu.name())));
@@ -105,7 +106,7 @@ impl WgpuBackend {
         let dummy = [0, 1, 2].map(|i| GBuf::new(&gpu, &format!("unused binding {i}"), 16, storage_usage()));
         Ok(WgpuBackend {
             gpu,
-            kernels: Kernels::default(),
+            kernels: Kernels::new(checks),
             rec,
             step_buffers: Mutex::default(),
             dummy,
@@ -124,6 +125,11 @@ impl WgpuBackend {
         } else {
             4
         }
+    }
+
+    /// What wgpu compiled into the kernels: `bounds` (default), `all` or `none`.
+    pub fn shader_checks(&self) -> &'static str {
+        self.kernels.checks().name()
     }
 
     pub fn adapter_name(&self) -> String {
